@@ -1,0 +1,65 @@
+# Every target creates .venv idempotently: torch first (TORCH_SPEC), then pyoptk's
+# build tools, then pyoptk itself editable, without letting pip touch torch.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.pyoptk-installed
+
+.PHONY: venv install demo test test-gpu bench wheel wheel-check clean
+
+$(VENV)/.torch: 
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH_SPEC)"
+	touch $@
+
+# Triton for the Triton kernels (run on CPU under TRITON_INTERPRET=1 in the tests);
+# the rest are build tools and the test/demo/bench extras. torch is already there, so
+# nothing here can pull another torch: pip would only check it.
+$(VENV)/.deps: $(VENV)/.torch
+	$(PIP) install "$(TRITON_SPEC)" "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
+	    pytest numpy scikit-learn matplotlib tqdm nvtx "pytorch-optimizer>=3.0" \
+	    auditwheel "$(TORCH_SPEC)"
+	touch $@
+
+$(STAMP): $(VENV)/.deps pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*/*.h csrc/include/*/*.cuh)
+	$(PIP) install --no-build-isolation --no-deps -e . \
+	    -Cbuild-dir=build/editable
+	touch $@
+
+venv install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pyoptk demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+bench: $(STAMP)
+	$(VENV)/bin/pyoptk bench optim
+
+# A manylinux wheel with the CPU and CUDA code (CUDA runtime linked statically).
+wheel: $(VENV)/.deps
+	rm -rf dist wheelhouse
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist . -Cbuild-dir=build/wheel
+	$(VENV)/bin/auditwheel repair -w wheelhouse dist/pyoptk-*.whl
+	@ls -l wheelhouse
+
+# Install the wheel into a fresh venv holding only torch, outside the source tree, and
+# run it: the import, `pyoptk info` and a fused step on every CPU backend.
+WHEEL_VENV ?= build/wheel-venv
+wheel-check: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)"
+	$(WHEEL_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps wheelhouse/pyoptk-*.whl
+	cd /tmp && $(abspath $(WHEEL_VENV))/bin/pyoptk info
+	cd /tmp && $(abspath $(WHEEL_VENV))/bin/python $(abspath examples/custom_loop.py)
+
+clean:
+	rm -rf build dist wheelhouse $(VENV)

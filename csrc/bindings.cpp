@@ -1,0 +1,458 @@
+// pyoptk._C: the pybind11 module over the native CPU (and, when built, CUDA) kernels.
+//
+// Torch-free: every function takes raw data pointers (Python ints from data_ptr()),
+// element counts, a dtype code (0 float32, 1 bfloat16, 2 float16) and, for CUDA, a
+// cudaStream_t as int. The Python op layer validates devices, dtypes, shapes and
+// contiguity; this layer still checks list lengths, counts, codes and null pointers
+// (std::invalid_argument -> ValueError) so that a bad call never crashes, then releases
+// the GIL around the kernel work. See docs/kernel-contract.md.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#ifdef PYOPTK_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include "pyoptk/api.h"
+#include "pyoptk/common.h"
+
+namespace py = pybind11;
+using pyoptk::PtrList;
+using pyoptk::SizeList;
+
+#ifndef PYOPTK_VERSION
+#define PYOPTK_VERSION ""
+#endif
+#ifndef PYOPTK_CUDA_ARCHS
+#define PYOPTK_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+[[noreturn]] void bad(const std::string& fn, const std::string& msg) {
+  throw std::invalid_argument("pyoptk._C." + fn + ": " + msg);
+}
+
+void check_len(const char* fn, const char* name, size_t got, size_t want) {
+  if (got != want) {
+    bad(fn, std::string(name) + " has " + std::to_string(got) + " entries, expected " +
+                std::to_string(want) + " (one per tensor)");
+  }
+}
+
+void check_numels(const char* fn, const SizeList& numels, const char* name = "numels") {
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (numels[i] < 0) {
+      bad(fn, std::string(name) + "[" + std::to_string(i) + "] is negative (" +
+                  std::to_string(numels[i]) + ")");
+    }
+  }
+}
+
+// Pointers of tensors with elements must be non-null.
+void check_ptrs(const char* fn, const char* name, const PtrList& ptrs, const SizeList& numels) {
+  check_len(fn, name, ptrs.size(), numels.size());
+  for (size_t i = 0; i < ptrs.size(); ++i) {
+    if (numels[i] > 0 && ptrs[i] == 0) {
+      bad(fn, std::string(name) + "[" + std::to_string(i) + "] is a null pointer");
+    }
+  }
+}
+
+void check_dtype(const char* fn, int dtype) {
+  if (dtype != pyoptk::kFloat32 && dtype != pyoptk::kBFloat16 && dtype != pyoptk::kFloat16) {
+    bad(fn, "dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
+                std::to_string(dtype));
+  }
+}
+
+void check_nonnull(const char* fn, const char* name, uintptr_t p) {
+  if (p == 0) bad(fn, std::string(name) + " is a null pointer");
+}
+
+bool is_inf_norm(const char* fn, double norm_type) {
+  if (norm_type == 2.0) return false;
+  if (std::isinf(norm_type) && norm_type > 0) return true;
+  std::ostringstream os;
+  os << "norm_type must be 2.0 or inf, got " << norm_type;
+  bad(fn, os.str());
+}
+
+int64_t total_numel(const SizeList& numels) {
+  int64_t n = 0;
+  for (int64_t x : numels) n += x;
+  return n;
+}
+
+// Validation shared by adamw_cpu/adamw_cuda.
+void check_adamw(const char* fn, const PtrList& params, const PtrList& grads,
+                 const PtrList& exp_avgs, const PtrList& exp_avg_sqs,
+                 const PtrList& max_exp_avg_sqs, const PtrList& steps, const SizeList& numels,
+                 int dtype, const pyoptk::AdamWConfig& cfg) {
+  check_numels(fn, numels);
+  check_ptrs(fn, "params", params, numels);
+  check_ptrs(fn, "grads", grads, numels);
+  check_ptrs(fn, "exp_avgs", exp_avgs, numels);
+  check_ptrs(fn, "exp_avg_sqs", exp_avg_sqs, numels);
+  check_ptrs(fn, "steps", steps, numels);
+  if (cfg.amsgrad) {
+    if (max_exp_avg_sqs.size() != numels.size()) {
+      bad(fn, "amsgrad=True needs one max_exp_avg_sqs pointer per tensor (" +
+                  std::to_string(numels.size()) + "), got " +
+                  std::to_string(max_exp_avg_sqs.size()));
+    }
+    check_ptrs(fn, "max_exp_avg_sqs", max_exp_avg_sqs, numels);
+  } else if (!max_exp_avg_sqs.empty() && max_exp_avg_sqs.size() != numels.size()) {
+    bad(fn, "max_exp_avg_sqs must be empty (or one per tensor) when amsgrad=False, got " +
+                std::to_string(max_exp_avg_sqs.size()) + " entries");
+  }
+  check_dtype(fn, dtype);
+}
+
+void check_lamb(const char* fn, const PtrList& params, const PtrList& grads,
+                const PtrList& exp_avgs, const PtrList& exp_avg_sqs, const PtrList& steps,
+                const SizeList& numels, int dtype) {
+  check_numels(fn, numels);
+  check_ptrs(fn, "params", params, numels);
+  check_ptrs(fn, "grads", grads, numels);
+  check_ptrs(fn, "exp_avgs", exp_avgs, numels);
+  check_ptrs(fn, "exp_avg_sqs", exp_avg_sqs, numels);
+  check_ptrs(fn, "steps", steps, numels);
+  check_dtype(fn, dtype);
+}
+
+void check_norm(const char* fn, const PtrList& grads, const SizeList& numels, int dtype,
+                uintptr_t out_ptr) {
+  check_numels(fn, numels);
+  check_ptrs(fn, "grads", grads, numels);
+  check_dtype(fn, dtype);
+  check_nonnull(fn, "out_ptr", out_ptr);
+}
+
+void check_centralize(const char* fn, const PtrList& grads, const SizeList& rows,
+                      const SizeList& cols, int dtype) {
+  check_len(fn, "rows", rows.size(), grads.size());
+  check_len(fn, "cols", cols.size(), grads.size());
+  check_numels(fn, rows, "rows");
+  check_numels(fn, cols, "cols");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (rows[i] > 0 && cols[i] > 0 && grads[i] == 0) {
+      bad(fn, "grads[" + std::to_string(i) + "] is a null pointer");
+    }
+  }
+  check_dtype(fn, dtype);
+}
+
+#ifndef PYOPTK_WITH_CUDA
+[[noreturn]] void no_cuda(const char* fn) {
+  throw std::runtime_error(std::string("pyoptk._C was built without CUDA (no nvcc found at "
+                                       "build time), so pyoptk._C.") +
+                           fn + " is unavailable; rebuild with nvcc on PATH and "
+                                "PYOPTK_CUDA=ON, or use the 'triton' or 'torch' backend");
+}
+#endif
+
+std::string fmt(double x) { return py::repr(py::float_(x)).cast<std::string>(); }
+std::string fmt(bool x) { return x ? "True" : "False"; }
+
+py::dict build_info() {
+  py::dict d;
+#ifdef PYOPTK_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(PYOPTK_CUDA_ARCHS);
+  d["cuda_runtime"] = pyoptk::cuda_runtime_info();
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string("");
+#endif
+#ifdef PYOPTK_WITH_OPENMP
+  d["openmp"] = true;
+  d["omp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["omp_max_threads"] = 1;
+#endif
+  const std::string version = PYOPTK_VERSION;
+  d["version"] = version.empty() ? std::string("unknown") : version;
+  d["chunk_size"] = pyoptk::kChunkSize;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() =
+      "pyoptk native kernels (torch-free). Functions take data_ptr() ints, element counts, "
+      "a dtype code (0 float32, 1 bfloat16, 2 float16) and, for CUDA, a stream handle. "
+      "See docs/kernel-contract.md.";
+
+  m.def("build_info", &build_info,
+        "dict: cuda, cuda_archs, openmp, omp_max_threads, version, chunk_size");
+  m.def(
+      "cuda_device_count",
+      []() -> int {
+#ifdef PYOPTK_WITH_CUDA
+        return pyoptk::cuda_device_count();
+#else
+        return 0;
+#endif
+      },
+      "Number of CUDA devices (0 when built without CUDA or without a driver).");
+
+  // ---- configs -------------------------------------------------------------------------
+  using pyoptk::AdamWConfig;
+  using pyoptk::LambConfig;
+  py::class_<AdamWConfig>(m, "AdamWConfig", "Hyperparameters of one AdamW call.")
+      .def(py::init([](double lr, uintptr_t lr_ptr, double beta1, double beta2, double eps,
+                       double weight_decay, bool amsgrad, bool maximize) {
+             AdamWConfig c;
+             c.lr = lr;
+             c.lr_ptr = lr_ptr;
+             c.beta1 = beta1;
+             c.beta2 = beta2;
+             c.eps = eps;
+             c.weight_decay = weight_decay;
+             c.amsgrad = amsgrad;
+             c.maximize = maximize;
+             return c;
+           }),
+           py::kw_only(), py::arg("lr") = 1e-3, py::arg("lr_ptr") = 0, py::arg("beta1") = 0.9,
+           py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("weight_decay") = 1e-2,
+           py::arg("amsgrad") = false, py::arg("maximize") = false)
+      .def_readwrite("lr", &AdamWConfig::lr)
+      .def_readwrite("lr_ptr", &AdamWConfig::lr_ptr)
+      .def_readwrite("beta1", &AdamWConfig::beta1)
+      .def_readwrite("beta2", &AdamWConfig::beta2)
+      .def_readwrite("eps", &AdamWConfig::eps)
+      .def_readwrite("weight_decay", &AdamWConfig::weight_decay)
+      .def_readwrite("amsgrad", &AdamWConfig::amsgrad)
+      .def_readwrite("maximize", &AdamWConfig::maximize)
+      .def("__repr__", [](const AdamWConfig& c) {
+        return "AdamWConfig(lr=" + fmt(c.lr) + ", lr_ptr=" + std::to_string(c.lr_ptr) +
+               ", beta1=" + fmt(c.beta1) + ", beta2=" + fmt(c.beta2) + ", eps=" + fmt(c.eps) +
+               ", weight_decay=" + fmt(c.weight_decay) + ", amsgrad=" + fmt(c.amsgrad) +
+               ", maximize=" + fmt(c.maximize) + ")";
+      });
+
+  py::class_<LambConfig>(m, "LambConfig", "Hyperparameters of one LAMB call.")
+      .def(py::init([](double lr, uintptr_t lr_ptr, double beta1, double beta2, double eps,
+                       double weight_decay, bool bias_correction, bool adam,
+                       double clamp_value, bool maximize) {
+             LambConfig c;
+             c.lr = lr;
+             c.lr_ptr = lr_ptr;
+             c.beta1 = beta1;
+             c.beta2 = beta2;
+             c.eps = eps;
+             c.weight_decay = weight_decay;
+             c.bias_correction = bias_correction;
+             c.adam = adam;
+             c.clamp_value = clamp_value;
+             c.maximize = maximize;
+             return c;
+           }),
+           py::kw_only(), py::arg("lr") = 1e-3, py::arg("lr_ptr") = 0, py::arg("beta1") = 0.9,
+           py::arg("beta2") = 0.999, py::arg("eps") = 1e-6, py::arg("weight_decay") = 0.0,
+           py::arg("bias_correction") = true, py::arg("adam") = false,
+           py::arg("clamp_value") = 10.0, py::arg("maximize") = false)
+      .def_readwrite("lr", &LambConfig::lr)
+      .def_readwrite("lr_ptr", &LambConfig::lr_ptr)
+      .def_readwrite("beta1", &LambConfig::beta1)
+      .def_readwrite("beta2", &LambConfig::beta2)
+      .def_readwrite("eps", &LambConfig::eps)
+      .def_readwrite("weight_decay", &LambConfig::weight_decay)
+      .def_readwrite("bias_correction", &LambConfig::bias_correction)
+      .def_readwrite("adam", &LambConfig::adam)
+      .def_readwrite("clamp_value", &LambConfig::clamp_value)
+      .def_readwrite("maximize", &LambConfig::maximize)
+      .def("__repr__", [](const LambConfig& c) {
+        return "LambConfig(lr=" + fmt(c.lr) + ", lr_ptr=" + std::to_string(c.lr_ptr) +
+               ", beta1=" + fmt(c.beta1) + ", beta2=" + fmt(c.beta2) + ", eps=" + fmt(c.eps) +
+               ", weight_decay=" + fmt(c.weight_decay) +
+               ", bias_correction=" + fmt(c.bias_correction) + ", adam=" + fmt(c.adam) +
+               ", clamp_value=" + fmt(c.clamp_value) + ", maximize=" + fmt(c.maximize) + ")";
+      });
+
+  // ---- AdamW ---------------------------------------------------------------------------
+  m.def(
+      "adamw_cpu",
+      [](const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+         const PtrList& exp_avg_sqs, const PtrList& max_exp_avg_sqs, const PtrList& steps,
+         const SizeList& numels, int dtype, const AdamWConfig& cfg) {
+        check_adamw("adamw_cpu", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                    numels, dtype, cfg);
+        py::gil_scoped_release nogil;
+        pyoptk::adamw_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels,
+                          dtype, cfg);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+      py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("numels"), py::arg("dtype"),
+      py::arg("cfg"), "One AdamW step over CPU tensors (in place).");
+  m.def(
+      "adamw_cuda",
+      [](const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+         const PtrList& exp_avg_sqs, const PtrList& max_exp_avg_sqs, const PtrList& steps,
+         const SizeList& numels, int dtype, const AdamWConfig& cfg, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_adamw("adamw_cuda", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                    steps, numels, dtype, cfg);
+        py::gil_scoped_release nogil;
+        pyoptk::adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                           numels, dtype, cfg, stream);
+#else
+        (void)params, (void)grads, (void)exp_avgs, (void)exp_avg_sqs, (void)max_exp_avg_sqs;
+        (void)steps, (void)numels, (void)dtype, (void)cfg, (void)stream;
+        no_cuda("adamw_cuda");
+#endif
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+      py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("numels"), py::arg("dtype"),
+      py::arg("cfg"), py::arg("stream"),
+      "One AdamW step over CUDA tensors (in place), one launch per <=512 tensors.");
+
+  // ---- LAMB ----------------------------------------------------------------------------
+  m.def(
+      "lamb_workspace_numel",
+      [](const SizeList& numels) {
+        check_numels("lamb_workspace_numel", numels);
+        return pyoptk::lamb_workspace_numel(numels);
+      },
+      py::arg("numels"), "float32 elements of the workspace lamb_cuda needs.");
+  m.def(
+      "lamb_cpu",
+      [](const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+         const PtrList& exp_avg_sqs, const PtrList& steps, const SizeList& numels, int dtype,
+         const LambConfig& cfg) {
+        check_lamb("lamb_cpu", params, grads, exp_avgs, exp_avg_sqs, steps, numels, dtype);
+        py::gil_scoped_release nogil;
+        pyoptk::lamb_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, numels, dtype, cfg);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+      py::arg("steps"), py::arg("numels"), py::arg("dtype"), py::arg("cfg"),
+      "One LAMB step over CPU tensors (in place).");
+  m.def(
+      "lamb_cuda",
+      [](const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+         const PtrList& exp_avg_sqs, const PtrList& steps, const SizeList& numels, int dtype,
+         const LambConfig& cfg, uintptr_t workspace_ptr, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_lamb("lamb_cuda", params, grads, exp_avgs, exp_avg_sqs, steps, numels, dtype);
+        if (total_numel(numels) > 0) check_nonnull("lamb_cuda", "workspace_ptr", workspace_ptr);
+        py::gil_scoped_release nogil;
+        pyoptk::lamb_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, numels, dtype, cfg,
+                          workspace_ptr, stream);
+#else
+        (void)params, (void)grads, (void)exp_avgs, (void)exp_avg_sqs, (void)steps;
+        (void)numels, (void)dtype, (void)cfg, (void)workspace_ptr, (void)stream;
+        no_cuda("lamb_cuda");
+#endif
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+      py::arg("steps"), py::arg("numels"), py::arg("dtype"), py::arg("cfg"),
+      py::arg("workspace_ptr"), py::arg("stream"),
+      "One LAMB step over CUDA tensors (in place): <= 3 launches, no host sync.");
+
+  // ---- gradient norm / clipping ---------------------------------------------------------
+  m.def(
+      "norm_workspace_numel",
+      [](const SizeList& numels) {
+        check_numels("norm_workspace_numel", numels);
+        return pyoptk::norm_workspace_numel(numels);
+      },
+      py::arg("numels"), "float32 elements of the workspace the CUDA norm functions need.");
+  m.def(
+      "grad_norm_cpu",
+      [](const PtrList& grads, const SizeList& numels, int dtype, double norm_type,
+         uintptr_t out_ptr) {
+        check_norm("grad_norm_cpu", grads, numels, dtype, out_ptr);
+        const bool inf_norm = is_inf_norm("grad_norm_cpu", norm_type);
+        py::gil_scoped_release nogil;
+        pyoptk::grad_norm_cpu(grads, numels, dtype, inf_norm, out_ptr);
+      },
+      py::arg("grads"), py::arg("numels"), py::arg("dtype"), py::arg("norm_type"),
+      py::arg("out_ptr"), "Total norm of all grads, written as float32 to out_ptr.");
+  m.def(
+      "clip_grad_norm_cpu",
+      [](const PtrList& grads, const SizeList& numels, int dtype, double norm_type,
+         double max_norm, uintptr_t out_ptr) {
+        check_norm("clip_grad_norm_cpu", grads, numels, dtype, out_ptr);
+        const bool inf_norm = is_inf_norm("clip_grad_norm_cpu", norm_type);
+        py::gil_scoped_release nogil;
+        pyoptk::clip_grad_norm_cpu(grads, numels, dtype, inf_norm, max_norm, out_ptr);
+      },
+      py::arg("grads"), py::arg("numels"), py::arg("dtype"), py::arg("norm_type"),
+      py::arg("max_norm"), py::arg("out_ptr"),
+      "Writes the total norm to out_ptr and scales the grads by min(max_norm/(total+1e-6), 1).");
+  m.def(
+      "grad_norm_cuda",
+      [](const PtrList& grads, const SizeList& numels, int dtype, double norm_type,
+         uintptr_t out_ptr, uintptr_t workspace_ptr, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_norm("grad_norm_cuda", grads, numels, dtype, out_ptr);
+        const bool inf_norm = is_inf_norm("grad_norm_cuda", norm_type);
+        if (total_numel(numels) > 0) check_nonnull("grad_norm_cuda", "workspace_ptr", workspace_ptr);
+        py::gil_scoped_release nogil;
+        pyoptk::grad_norm_cuda(grads, numels, dtype, inf_norm, out_ptr, workspace_ptr, stream);
+#else
+        (void)grads, (void)numels, (void)dtype, (void)norm_type, (void)out_ptr;
+        (void)workspace_ptr, (void)stream;
+        no_cuda("grad_norm_cuda");
+#endif
+      },
+      py::arg("grads"), py::arg("numels"), py::arg("dtype"), py::arg("norm_type"),
+      py::arg("out_ptr"), py::arg("workspace_ptr"), py::arg("stream"),
+      "Total norm of all grads into out_ptr on device (2 launches, no host sync).");
+  m.def(
+      "clip_grad_norm_cuda",
+      [](const PtrList& grads, const SizeList& numels, int dtype, double norm_type,
+         double max_norm, uintptr_t out_ptr, uintptr_t workspace_ptr, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_norm("clip_grad_norm_cuda", grads, numels, dtype, out_ptr);
+        const bool inf_norm = is_inf_norm("clip_grad_norm_cuda", norm_type);
+        if (total_numel(numels) > 0) {
+          check_nonnull("clip_grad_norm_cuda", "workspace_ptr", workspace_ptr);
+        }
+        py::gil_scoped_release nogil;
+        pyoptk::clip_grad_norm_cuda(grads, numels, dtype, inf_norm, max_norm, out_ptr,
+                                    workspace_ptr, stream);
+#else
+        (void)grads, (void)numels, (void)dtype, (void)norm_type, (void)max_norm;
+        (void)out_ptr, (void)workspace_ptr, (void)stream;
+        no_cuda("clip_grad_norm_cuda");
+#endif
+      },
+      py::arg("grads"), py::arg("numels"), py::arg("dtype"), py::arg("norm_type"),
+      py::arg("max_norm"), py::arg("out_ptr"), py::arg("workspace_ptr"), py::arg("stream"),
+      "Total norm into out_ptr and grads scaled on device (3 launches, no host sync).");
+
+  // ---- gradient centralization ----------------------------------------------------------
+  m.def(
+      "centralize_cpu",
+      [](const PtrList& grads, const SizeList& rows, const SizeList& cols, int dtype) {
+        check_centralize("centralize_cpu", grads, rows, cols, dtype);
+        py::gil_scoped_release nogil;
+        pyoptk::centralize_cpu(grads, rows, cols, dtype);
+      },
+      py::arg("grads"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      "g[r, :] -= mean(g[r, :]) for each grad viewed as [rows, cols] (in place).");
+  m.def(
+      "centralize_cuda",
+      [](const PtrList& grads, const SizeList& rows, const SizeList& cols, int dtype,
+         uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_centralize("centralize_cuda", grads, rows, cols, dtype);
+        py::gil_scoped_release nogil;
+        pyoptk::centralize_cuda(grads, rows, cols, dtype, stream);
+#else
+        (void)grads, (void)rows, (void)cols, (void)dtype, (void)stream;
+        no_cuda("centralize_cuda");
+#endif
+      },
+      py::arg("grads"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("stream"),
+      "Gradient centralization on CUDA tensors (one launch per <=1024 tensors).");
+}

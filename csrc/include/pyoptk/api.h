@@ -1,0 +1,103 @@
+// The C++ entry points behind pyoptk._C (torch-free, pybind11-free).
+//
+// bindings.cpp validates list lengths, dtype codes and null pointers, converts the
+// Python lists and configs, releases the GIL and calls these. They assume valid input
+// (see docs/kernel-contract.md); zero-numel tensors are skipped, empty lists are no-ops.
+// The *_cuda functions exist only when built with CUDA (PYOPTK_WITH_CUDA).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "pyoptk/adamw_math.h"
+#include "pyoptk/lamb_math.h"
+
+namespace pyoptk {
+
+using PtrList = std::vector<uintptr_t>;
+using SizeList = std::vector<int64_t>;
+
+// Python-visible configuration objects (pyoptk._C.AdamWConfig / LambConfig).
+struct AdamWConfig {
+  double lr = 1e-3;
+  uintptr_t lr_ptr = 0;  // one float32 on the params' device overriding lr, or 0
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+  bool amsgrad = false;
+  bool maximize = false;
+
+  AdamWParams params() const {
+    return AdamWParams{lr, reinterpret_cast<const float*>(lr_ptr), beta1, beta2, eps,
+                       weight_decay};
+  }
+};
+
+struct LambConfig {
+  double lr = 1e-3;
+  uintptr_t lr_ptr = 0;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-6;
+  double weight_decay = 0.0;
+  bool bias_correction = true;
+  bool adam = false;
+  double clamp_value = 10.0;
+  bool maximize = false;
+
+  LambParams params() const {
+    return LambParams{lr, reinterpret_cast<const float*>(lr_ptr), beta1, beta2, eps,
+                      weight_decay, bias_correction, adam, clamp_value};
+  }
+};
+
+// ---- workspace sizes (float32 elements; used by the CUDA entry points) -----------------
+int64_t lamb_workspace_numel(const SizeList& numels);
+int64_t norm_workspace_numel(const SizeList& numels);
+
+// ---- CPU ------------------------------------------------------------------------------
+void adamw_cpu(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+               const PtrList& exp_avg_sqs, const PtrList& max_exp_avg_sqs,
+               const PtrList& steps, const SizeList& numels, int dtype,
+               const AdamWConfig& cfg);
+
+void lamb_cpu(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+              const PtrList& exp_avg_sqs, const PtrList& steps, const SizeList& numels,
+              int dtype, const LambConfig& cfg);
+
+// Writes the total norm (float32) to out_ptr; clip also scales the grads in place.
+void grad_norm_cpu(const PtrList& grads, const SizeList& numels, int dtype, bool inf_norm,
+                   uintptr_t out_ptr);
+void clip_grad_norm_cpu(const PtrList& grads, const SizeList& numels, int dtype,
+                        bool inf_norm, double max_norm, uintptr_t out_ptr);
+
+void centralize_cpu(const PtrList& grads, const SizeList& rows, const SizeList& cols,
+                    int dtype);
+
+// ---- CUDA -----------------------------------------------------------------------------
+#ifdef PYOPTK_WITH_CUDA
+int cuda_device_count();
+std::string cuda_runtime_info();
+
+void adamw_cuda(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+                const PtrList& exp_avg_sqs, const PtrList& max_exp_avg_sqs,
+                const PtrList& steps, const SizeList& numels, int dtype,
+                const AdamWConfig& cfg, uintptr_t stream);
+
+void lamb_cuda(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+               const PtrList& exp_avg_sqs, const PtrList& steps, const SizeList& numels,
+               int dtype, const LambConfig& cfg, uintptr_t workspace_ptr, uintptr_t stream);
+
+void grad_norm_cuda(const PtrList& grads, const SizeList& numels, int dtype, bool inf_norm,
+                    uintptr_t out_ptr, uintptr_t workspace_ptr, uintptr_t stream);
+void clip_grad_norm_cuda(const PtrList& grads, const SizeList& numels, int dtype,
+                         bool inf_norm, double max_norm, uintptr_t out_ptr,
+                         uintptr_t workspace_ptr, uintptr_t stream);
+
+void centralize_cuda(const PtrList& grads, const SizeList& rows, const SizeList& cols,
+                     int dtype, uintptr_t stream);
+#endif
+
+}  // namespace pyoptk

@@ -1,0 +1,1 @@
+"""Benchmark suites behind ``pyoptk bench`` (timing harness, layouts, suites)."""

@@ -1,0 +1,51 @@
+"""The ``pyoptk`` command.
+
+    pyoptk info                 build, backends, which backend each op uses
+    pyoptk demo [--out DIR]     digits: torch AdamW vs pyoptk AdamW / LAMB / Lookahead
+    pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _info(argv: List[str]) -> int:
+    argparse.ArgumentParser(prog="pyoptk info").parse_args(argv)
+    from pyoptk.info import report
+
+    print(report())
+    return 0
+
+
+def _demo(argv: List[str]) -> int:
+    from pyoptk.demo import main
+
+    return main(argv)
+
+
+def _bench(argv: List[str]) -> int:
+    suites = {"optim": "pyoptk.bench.optim"}
+    if not argv or argv[0] not in suites:
+        print(f"usage: pyoptk bench {{{','.join(suites)}}} [options]", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(suites[argv[0]]).main(argv[1:])
+
+
+COMMANDS = {"info": _info, "demo": _demo, "bench": _bench}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Fused ops, each registered as ``torch.ops.pyoptk.<name>`` with a fake (meta)
+implementation and per-backend kernels; the pure-PyTorch reference beside each is its
+specification. See :mod:`pyoptk._backend` for how a backend is chosen."""
+
+from pyoptk.ops.adamw import AdamWHyper, adamw_, adamw_reference
+from pyoptk.ops.centralize import centralize_gradients_, centralize_reference
+from pyoptk.ops.grad_norm import (
+    clip_grad_norm_, clip_grad_norm_reference, grad_norm, grad_norm_reference)
+from pyoptk.ops.lamb import LambHyper, lamb_, lamb_reference
+
+__all__ = [
+    "adamw_", "lamb_", "clip_grad_norm_", "grad_norm", "centralize_gradients_",
+    "adamw_reference", "lamb_reference", "clip_grad_norm_reference", "grad_norm_reference",
+    "centralize_reference", "AdamWHyper", "LambHyper",
+]

@@ -1,0 +1,587 @@
+"""Fused learned-MLP optimizer step: ``torch.ops.pyoptk.mlp_update_``.
+
+Layout (as every op file): reference → backend launchers → op registration → public
+function. The reference here is the specification of the per-parameter MLP rule of
+:mod:`pyoptk.learned.mlp` (in the spirit of learned_optimization's ``small_fc_lopt`` /
+``AdafacMLPLOpt``, Metz et al. https://arxiv.org/abs/2009.11243). For one tensor
+``p`` (``n`` elements) with gradient ``g``, everything in fp32 (fp64 for fp64 tensors):
+
+.. math::
+    m_k &\\leftarrow \\beta_k m_k + (1-\\beta_k) g \\quad (k < K) \\\\
+    v_j &\\leftarrow \\rho_j v_j + (1-\\rho_j) g^2 \\quad (j < R) \\\\
+    r_f &\\leftarrow \\gamma_f r_f + (1-\\gamma_f)\\,\\mathrm{mean}_{c}(g^2+\\epsilon_f),\\;
+    c_f \\leftarrow \\gamma_f c_f + (1-\\gamma_f)\\,\\mathrm{mean}_{r}(g^2+\\epsilon_f),\\;
+    \\hat v_f = r_f c_f / \\mathrm{mean}(r_f) \\\\
+    x &= [\\,\\text{normalized features},\\ \\text{scale-free features},\\ \\text{time}\\,]
+    \\in \\mathbb{R}^{D} \\\\
+    (d, a) &= \\mathrm{MLP}(x) \\\\
+    p &\\leftarrow p - \\mathrm{lr}\\cdot\\beta\\,\\big(d\\, e^{\\alpha a} + \\lambda p\\big)
+
+with ``α = exp_mult``, ``β = step_mult`` and ``λ = weight_decay``. The features and
+their order are listed in :func:`feature_names` and ``docs/learned.md``.
+
+**Designed for a 2-pass fused kernel** (no host sync, no per-tensor Python loop):
+
+* pass 1 (statistics), per tensor: ``sum(f²)`` of each of the ``N = 2+K+R+K·R+R``
+  *normalized* feature planes (computed from the new accumulators, in registers),
+  row sums and column sums of ``g²`` for factored tensors, ``sum`` of the full
+  factored accumulators for 0/1-dim tensors, and an all-finite flag of ``g``;
+* finalize (``O(rows + cols)`` per tensor, may be fused into pass 2's prologue): new
+  row/column accumulators, ``vbar_f = mean(r_f)``, and the time features folded into
+  an effective first-layer bias ``b0 + time @ w0[n_elem:]``;
+* pass 2 (update), per element: recompute the per-element features, scale the
+  normalized ones by ``rsqrt(sum/n + norm_eps)``, run the MLP, write ``p`` and the
+  state. The *scale-free* features are deliberately not normalized: their per-tensor
+  mean square would need the factored accumulators of this step, i.e. a third pass.
+
+**Non-finite gradients**: a tensor whose gradient has any NaN/Inf element is skipped
+for that step — its parameter, all its state and its step count are left unchanged
+(decided on device, no host sync); the other tensors update normally.
+
+**Empty tensors** (``numel == 0``) only count the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from pyoptk._backend import implementation, register_backend
+from pyoptk._nvtx import annotate
+from pyoptk.ops._validation import PARAM_DTYPES, STATE_DTYPE, check_lr, check_steps
+
+OP = "mlp_update_"
+
+__all__ = [
+    "MLPUpdateHyper", "mlp_update_", "mlp_update_reference", "mlp_update_functional",
+    "mlp_update_one", "ema", "momentum_update", "rms_update", "is_factored",
+    "matrix_shape", "factored_state_shapes", "factored_update", "factored_features",
+    "log_sign", "time_features", "second_moment_scale", "mlp_forward", "feature_names",
+]
+
+
+@dataclass(frozen=True)
+class MLPUpdateHyper:
+    """Hyperparameters of one ``mlp_update_`` call (built by
+    :meth:`pyoptk.learned.MLPConfig.op_hyper`).
+
+    ``n_mom``/``n_rms``/``n_fac`` are K, R, F (the number of momentum, RMS and factored
+    decays; the decays themselves are a tensor argument so that they can be learned).
+    ``fac_mom_index`` is the momentum plane used for the factored-momentum features
+    (-1: none). ``lr_t`` (a one-element float32 tensor on the params' device) overrides
+    ``lr`` when given, so schedules need no host sync.
+    """
+
+    n_mom: int
+    n_rms: int
+    n_fac: int
+    fac_mom_index: int
+    log_sign_k: float
+    timescales: Tuple[float, ...]
+    eps: float
+    norm_eps: float
+    fac_eps: float
+    exp_mult: float
+    step_mult: float
+    lr: float
+    lr_t: Optional[Tensor]
+    weight_decay: float
+
+    @property
+    def n_normalized(self) -> int:
+        """Per-element features scaled by their per-tensor RMS: g, p, m (K), v (R),
+        m/sqrt(v) (K·R), 1/sqrt(v) (R)."""
+        k, r = self.n_mom, self.n_rms
+        return 2 + k + r + k * r + r
+
+    @property
+    def n_scale_free(self) -> int:
+        """Per-element features used as they are: log-sign of the normalized g (2),
+        factored g (F), factored momentum (F, if any), row and column factors (2F)."""
+        return 2 + self.n_fac * (3 + (1 if self.fac_mom_index >= 0 else 0))
+
+    @property
+    def n_element(self) -> int:
+        return self.n_normalized + self.n_scale_free
+
+    @property
+    def n_time(self) -> int:
+        return len(self.timescales)
+
+    @property
+    def n_features(self) -> int:
+        """Input width of the MLP's first layer."""
+        return self.n_element + self.n_time
+
+
+def feature_names(momentum_decays: Sequence[float], rms_decays: Sequence[float],
+                  adafactor_decays: Sequence[float], fac_momentum_decay: Optional[float],
+                  timescales: Sequence[float]) -> List[str]:
+    """The MLP's input features, in order (rows of the first-layer weight ``w0``)."""
+    names = ["g", "p"]
+    names += [f"m[{b:g}]" for b in momentum_decays]
+    names += [f"v[{b:g}]" for b in rms_decays]
+    names += [f"m[{b:g}]/sqrt(v[{r:g}])" for b in momentum_decays for r in rms_decays]
+    names += [f"1/sqrt(v[{r:g}])" for r in rms_decays]
+    names += ["logsign_log(g_hat)", "logsign_sign(g_hat)"]
+    names += [f"fac_g[{f:g}]" for f in adafactor_decays]
+    if fac_momentum_decay is not None:
+        names += [f"fac_m[{fac_momentum_decay:g}][{f:g}]" for f in adafactor_decays]
+    names += [f"row[{f:g}]" for f in adafactor_decays]
+    names += [f"col[{f:g}]" for f in adafactor_decays]
+    names += [f"time[{t:g}]" for t in timescales]
+    return names
+
+
+# ----------------------------------------------------------------------------------
+# Reference building blocks: pure, differentiable, no in-place ops on their inputs.
+# Accumulators are (planes, n) tensors: one plane per decay, the tensor flattened.
+# ----------------------------------------------------------------------------------
+def ema(acc: Tensor, x: Tensor, decays: Tensor) -> Tensor:
+    """``decays·acc + (1-decays)·x``, one decay per leading plane of ``acc``
+    (``acc``: (P, ...), ``x`` broadcastable to it, ``decays``: (P,))."""
+    d = decays.reshape((-1,) + (1,) * (acc.dim() - 1))
+    return d * acc + (1 - d) * x
+
+
+def momentum_update(mom: Tensor, g: Tensor, decays: Tensor) -> Tensor:
+    """Momenta at several decays: ``m_k ← β_k m_k + (1-β_k) g`` (``mom``: (K, *g.shape))."""
+    return ema(mom, g.unsqueeze(0), decays)
+
+
+def rms_update(rms: Tensor, g: Tensor, decays: Tensor) -> Tensor:
+    """Second-moment accumulators: ``v_j ← ρ_j v_j + (1-ρ_j) g²`` (``rms``: (R, *g.shape))."""
+    return ema(rms, (g * g).unsqueeze(0), decays)
+
+
+def is_factored(shape: Sequence[int]) -> bool:
+    """Tensors with 2+ dims get Adafactor-style row/column accumulators."""
+    return len(shape) >= 2
+
+
+def matrix_shape(shape: Sequence[int]) -> Tuple[int, int]:
+    """The (rows, cols) view of a 2+ dim tensor: ``(prod(shape[:-1]), shape[-1])``."""
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def factored_state_shapes(shape: Sequence[int], n_fac: int) -> Tuple[tuple, tuple]:
+    """Shapes of (fac_row, fac_col): ``(F, rows)``, ``(F, cols)`` for 2+ dim tensors;
+    for 0/1-dim tensors ``fac_row`` is the full ``(F, *shape)`` accumulator and
+    ``fac_col`` is empty ``(F, 0)``."""
+    shape = tuple(shape)
+    if is_factored(shape):
+        rows, cols = matrix_shape(shape)
+        return (n_fac, rows), (n_fac, cols)
+    return (n_fac,) + shape, (n_fac, 0)
+
+
+def factored_update(fac_row: Tensor, fac_col: Tensor, g: Tensor, decays: Tensor,
+                    fac_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Adafactor-style accumulators of ``g² + fac_eps`` at F decays.
+
+    2+ dim ``g`` (viewed (rows, cols)): ``r_f ← γ r_f + (1-γ) mean_cols(g²+ε)``,
+    ``c_f ← γ c_f + (1-γ) mean_rows(g²+ε)``. 0/1-dim ``g``: the full accumulator
+    ``v_f ← γ v_f + (1-γ)(g²+ε)`` lives in ``fac_row`` and ``fac_col`` is empty.
+    Returns the new (fac_row, fac_col) and ``vbar`` (F,): the mean of the new row
+    accumulator (of the full one for 0/1-dim tensors).
+    """
+    n_fac = decays.shape[0]
+    g2 = g * g + fac_eps
+    if is_factored(g.shape):
+        rows, cols = matrix_shape(g.shape)
+        g2m = g2.reshape(rows, cols)
+        row = ema(fac_row, g2m.mean(dim=1).unsqueeze(0), decays)
+        col = ema(fac_col, g2m.mean(dim=0).unsqueeze(0), decays)
+        vbar = row.mean(dim=1)
+        return row, col, vbar
+    full = ema(fac_row.reshape(n_fac, -1), g2.reshape(1, -1), decays)
+    return full.reshape(fac_row.shape), fac_col, full.mean(dim=1)
+
+
+def factored_features(fac_row: Tensor, fac_col: Tensor, vbar: Tensor,
+                      shape: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-element factored quantities, each (F, n):
+
+    * ``vhat = r[row]·c[col]/vbar`` — Adafactor's rank-1 estimate of E[g²] (the full
+      accumulator for 0/1-dim tensors);
+    * ``row_factor = rsqrt(r[row]/vbar)`` and ``col_factor = rsqrt(c[col]/vbar)``,
+      broadcast over the tensor (both ``rsqrt(v/vbar)`` for 0/1-dim tensors).
+    """
+    n_fac = vbar.shape[0]
+    n = math.prod(shape)
+    vb = vbar.reshape(n_fac, 1)
+    if is_factored(shape):
+        rows, cols = matrix_shape(shape)
+        rf = torch.rsqrt(fac_row / vb)
+        cf = torch.rsqrt(fac_col / vb)
+        vhat = (fac_row.unsqueeze(2) * fac_col.unsqueeze(1) / vb.unsqueeze(2)).reshape(n_fac, n)
+        row_f = rf.unsqueeze(2).expand(n_fac, rows, cols).reshape(n_fac, n)
+        col_f = cf.unsqueeze(1).expand(n_fac, rows, cols).reshape(n_fac, n)
+        return vhat, row_f, col_f
+    vhat = fac_row.reshape(n_fac, n)
+    rf = torch.rsqrt(vhat / vb)
+    return vhat, rf, rf
+
+
+def log_sign(x: Tensor, k: float) -> Tuple[Tensor, Tensor]:
+    """Log-and-sign preprocessing (Andrychowicz et al. 2016, https://arxiv.org/abs/1606.04474):
+    ``(log|x|/k, sign x)`` if ``|x| ≥ e^-k`` else ``(-1, e^k x)``. Continuous in x,
+    both parts bounded below by -1; the log is clamped so its gradient stays finite."""
+    thr = math.exp(-k)
+    big = x.abs() >= thr
+    log_part = torch.where(big, torch.log(x.abs().clamp(min=thr)) / k, torch.full_like(x, -1.0))
+    sign_part = torch.where(big, torch.sign(x), x * math.exp(k))
+    return log_part, sign_part
+
+
+def time_features(t: Tensor, timescales: Tensor) -> Tensor:
+    """``tanh(t/τ - 1)`` for each timescale τ (``t`` a 0-dim tensor, the step number of
+    this update, 1 on the first). Constant over a tensor: a kernel folds them into the
+    first layer's bias."""
+    return torch.tanh(t / timescales - 1)
+
+
+def second_moment_scale(planes: Tensor, eps: float) -> Tensor:
+    """Per-plane ``rsqrt(mean(x²) + eps)`` over the last dim (planes: (P, n) → (P,))."""
+    return torch.rsqrt((planes * planes).mean(dim=-1) + eps)
+
+
+def mlp_forward(x: Tensor, weights: Sequence[Tensor]) -> Tensor:
+    """``x @ w0 + b0 → relu → … → @ wL + bL`` (no activation on the output layer).
+    ``weights`` = [w0, b0, w1, b1, …] with ``w_i`` of shape (in, out)."""
+    h = x
+    n_layers = len(weights) // 2
+    for i in range(n_layers):
+        h = h @ weights[2 * i] + weights[2 * i + 1]
+        if i < n_layers - 1:
+            h = torch.relu(h)
+    return h
+
+
+def mlp_update_one(p: Tensor, g: Optional[Tensor], mom: Tensor, rms: Tensor, fac_row: Tensor,
+                   fac_col: Tensor, step: Tensor, weights: Sequence[Tensor], decays: Tensor,
+                   hp: MLPUpdateHyper, timescales: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One tensor's step. Pure and differentiable in every tensor argument.
+
+    Returns ``(p, mom, rms, fac_row, fac_col, step)`` after the update (new tensors;
+    inputs are never modified; an unchanged output may be the input itself).
+    """
+    if g is None:
+        return p, mom, rms, fac_row, fac_col, step
+    shape = tuple(p.shape)
+    n = p.numel()
+    if n == 0:
+        return p, mom, rms, fac_row, fac_col, step + 1
+    K, R, F = hp.n_mom, hp.n_rms, hp.n_fac
+    ct = torch.promote_types(p.dtype, torch.float32)  # fp32, or fp64 for fp64 runs
+    dev = p.device
+    x_p = p.to(ct).reshape(n)
+    g = g.to(ct).reshape(n)
+    finite = torch.isfinite(g).all()
+    # Skipped tensors still run the math on a zero gradient, so no NaN reaches autograd.
+    g = torch.where(finite, g, torch.zeros((), dtype=ct, device=dev))
+    dec = decays.to(ct)
+    mom0, rms0 = mom.to(ct).reshape(K, n), rms.to(ct).reshape(R, n)
+    fr0, fc0 = fac_row.to(ct), fac_col.to(ct)
+
+    # ---- accumulators (per element; row/col sums for factored tensors) ----
+    m = momentum_update(mom0, g, dec[:K])
+    v = rms_update(rms0, g, dec[K:K + R])
+    fr, fc, vbar = factored_update(fr0, fc0, g.reshape(shape), dec[K + R:K + R + F], hp.fac_eps)
+    vhat, row_f, col_f = factored_features(fr, fc, vbar, shape)
+
+    # ---- normalized features: pass 1 reduces mean(f²) per plane ----
+    inv_sqrt_v = torch.rsqrt(v + hp.eps)                                    # (R, n)
+    m_over_v = (m.unsqueeze(1) * inv_sqrt_v.unsqueeze(0)).reshape(K * R, n)  # k-major
+    planes = torch.cat([g.unsqueeze(0), x_p.unsqueeze(0), m, v, m_over_v, inv_sqrt_v], dim=0)
+    normed = planes * second_moment_scale(planes, hp.norm_eps).unsqueeze(1)
+
+    # ---- scale-free features (per element, not normalized) ----
+    ls_log, ls_sign = log_sign(normed[0], hp.log_sign_k)
+    inv_sqrt_vhat = torch.rsqrt(vhat + hp.eps)                              # (F, n)
+    free = [ls_log.unsqueeze(0), ls_sign.unsqueeze(0), g.unsqueeze(0) * inv_sqrt_vhat]
+    if hp.fac_mom_index >= 0:
+        free.append(m[hp.fac_mom_index].unsqueeze(0) * inv_sqrt_vhat)
+    free += [row_f, col_f]
+
+    # ---- time features (per tensor) ----
+    t = step.to(ct).reshape(()) + 1
+    if timescales is None:
+        timescales = torch.tensor(hp.timescales, dtype=ct, device=dev)
+    tf = time_features(t, timescales.to(ct))
+    x = torch.cat([normed] + free + [tf.unsqueeze(1).expand(tf.shape[0], n)], dim=0).t()
+
+    # ---- MLP and the step ----
+    out = mlp_forward(x, [w.to(ct) for w in weights])
+    direction, magnitude = out[:, 0], out[:, 1]
+    lr = (hp.lr_t.to(ct).reshape(()) if hp.lr_t is not None
+          else torch.full((), hp.lr, dtype=ct, device=dev))
+    coef = lr * hp.step_mult
+    new_p = x_p - coef * (direction * torch.exp(hp.exp_mult * magnitude) + hp.weight_decay * x_p)
+
+    # ---- skip tensors with non-finite gradients ----
+    new_p = torch.where(finite, new_p, x_p)
+    m = torch.where(finite, m, mom0)
+    v = torch.where(finite, v, rms0)
+    fr = torch.where(finite, fr.reshape(fr0.shape), fr0)
+    fc = torch.where(finite, fc, fc0) if fc0.numel() else fac_col
+    new_step = step + finite.to(step.dtype)
+    return (new_p.reshape(shape).to(p.dtype), m.reshape(mom.shape).to(mom.dtype),
+            v.reshape(rms.shape).to(rms.dtype), fr.to(fac_row.dtype),
+            fc.to(fac_col.dtype), new_step)
+
+
+def mlp_update_functional(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
+                          moms: Sequence[Tensor], rmss: Sequence[Tensor],
+                          fac_rows: Sequence[Tensor], fac_cols: Sequence[Tensor],
+                          steps: Sequence[Tensor], weights: Sequence[Tensor], decays: Tensor,
+                          hp: MLPUpdateHyper) -> Tuple[List[Tensor], ...]:
+    """The step over lists, pure and differentiable: returns new lists
+    ``(params, moms, rmss, fac_rows, fac_cols, steps)``. ``grads[i] is None`` leaves
+    tensor i (and its state) unchanged. Used by meta-training, and by the in-place
+    reference below, so the two agree bit for bit."""
+    outs: List[List[Tensor]] = [[], [], [], [], [], []]
+    ts_cache = {}
+    for i, p in enumerate(params):
+        ct = torch.promote_types(p.dtype, torch.float32)
+        key = (p.device, ct)
+        if key not in ts_cache:
+            ts_cache[key] = torch.tensor(hp.timescales, dtype=ct, device=p.device)
+        res = mlp_update_one(p, grads[i], moms[i], rmss[i], fac_rows[i], fac_cols[i], steps[i],
+                             weights, decays, hp, ts_cache[key])
+        for lst, r in zip(outs, res):
+            lst.append(r)
+    return tuple(outs)
+
+
+# ----------------------------------------------------------------------------------
+# Reference (in place): the functional step, copied into the inputs.
+# ----------------------------------------------------------------------------------
+@torch.no_grad()
+def mlp_update_reference(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
+                         rmss: List[Tensor], fac_rows: List[Tensor], fac_cols: List[Tensor],
+                         steps: List[Tensor], weights: List[Tensor], decays: Tensor,
+                         hp: MLPUpdateHyper) -> None:
+    """The MLP step over lists, in place. The specification every backend is tested
+    against; ``steps[i]`` holds the number of updates already applied to tensor i and
+    is incremented here (unless the tensor is skipped for a non-finite gradient)."""
+    new = mlp_update_functional(params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                weights, decays, hp)
+    for dsts, srcs in zip((params, moms, rmss, fac_rows, fac_cols, steps), new):
+        for dst, src in zip(dsts, srcs):
+            if src is not dst:
+                dst.copy_(src)
+
+
+register_backend(OP, "torch")(mlp_update_reference)
+
+
+# ----------------------------------------------------------------------------------
+# Backend launchers: fused backends ('cpu', 'cuda', 'triton') are registered by the
+# kernel files when they exist; until then 'auto' resolves to 'torch' everywhere.
+# ----------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------
+# Op registration.
+# ----------------------------------------------------------------------------------
+def _hyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps,
+           fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay) -> MLPUpdateHyper:
+    return MLPUpdateHyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k,
+                          tuple(float(t) for t in timescales), eps, norm_eps, fac_eps,
+                          exp_mult, step_mult, lr, lr_t, weight_decay)
+
+
+@torch.library.custom_op(
+    "pyoptk::mlp_update_", mutates_args=("params", "moms", "rmss", "fac_rows", "fac_cols", "steps"))
+def _mlp_update_op(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
+                   rmss: List[Tensor], fac_rows: List[Tensor], fac_cols: List[Tensor],
+                   steps: List[Tensor], weights: List[Tensor], decays: Tensor, n_mom: int,
+                   n_rms: int, n_fac: int, fac_mom_index: int, log_sign_k: float,
+                   timescales: List[float], eps: float, norm_eps: float, fac_eps: float,
+                   exp_mult: float, step_mult: float, lr: float, lr_t: Optional[Tensor],
+                   weight_decay: float) -> None:
+    """Default kernel (devices without a fused backend): the reference."""
+    hp = _hyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps,
+                fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay)
+    mlp_update_reference(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights,
+                         decays, hp)
+
+
+@_mlp_update_op.register_kernel(("cpu", "cuda"))
+def _mlp_update_dispatch(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
+                         n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps,
+                         norm_eps, fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay) -> None:
+    if not params:
+        return
+    hp = _hyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps,
+                fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay)
+    fn = implementation(OP, params[0].device.type)
+    fn(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, hp)
+
+
+@_mlp_update_op.register_fake
+def _(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, n_mom, n_rms,
+      n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps, fac_eps, exp_mult,
+      step_mult, lr, lr_t, weight_decay) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------
+# Public function.
+# ----------------------------------------------------------------------------------
+def _check_list(op: str, name: str, tensors, n: int) -> List[Tensor]:
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if len(tensors) != n:
+        raise ValueError(f"{op}: {name} has {len(tensors)} tensors but params has {n}")
+    return tensors
+
+
+def _check_tensor(op: str, where: str, t: Tensor, shape, dtype, device) -> None:
+    if t.layout != torch.strided:
+        raise ValueError(f"{op}: {where} is {t.layout}; sparse tensors are not supported")
+    if t.device != device:
+        raise ValueError(f"{op}: {where} is on {t.device} but params[0] is on {device}; "
+                         "all tensors of one call must be on one device")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {where} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {where} must be {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {where} is not contiguous; fused kernels need contiguous "
+                         "tensors (call .contiguous())")
+
+
+def check_weights(op: str, weights: Sequence[Tensor], n_features: int,
+                  device: Optional[torch.device] = None,
+                  dtype: Optional[torch.dtype] = STATE_DTYPE) -> None:
+    """``weights`` = [w0, b0, …]: (in, out) matrices and (out,) biases chained from
+    ``n_features`` inputs to 2 outputs. Errors say which layer is wrong."""
+    if not isinstance(weights, (list, tuple)) or len(weights) < 2 or len(weights) % 2:
+        raise ValueError(f"{op}: weights must be a list [w0, b0, w1, b1, ...] of even length "
+                         f">= 2, got {len(weights) if isinstance(weights, (list, tuple)) else weights!r}")
+    width = n_features
+    for i in range(len(weights) // 2):
+        w, b = weights[2 * i], weights[2 * i + 1]
+        for name, t in ((f"w{i}", w), (f"b{i}", b)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if dtype is not None and t.dtype != dtype:
+                raise TypeError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+            if device is not None and t.device != device:
+                raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+        if w.dim() != 2 or w.shape[0] != width:
+            what = ("the feature config produces" if i == 0 else "the previous layer has")
+            raise ValueError(
+                f"{op}: w{i} has shape {tuple(w.shape)} but {what} {width} "
+                f"{'features' if i == 0 else 'outputs'}; expected ({width}, out)"
+                + (" — meta-parameters and feature config do not match" if i == 0 else ""))
+        if tuple(b.shape) != (w.shape[1],):
+            raise ValueError(f"{op}: b{i} has shape {tuple(b.shape)}, expected ({w.shape[1]},)")
+        width = w.shape[1]
+    if width != 2:
+        raise ValueError(f"{op}: the last layer has {width} outputs; the MLP rule needs 2 "
+                         "(direction, magnitude)")
+
+
+def check_hyper(op: str, hp: MLPUpdateHyper) -> None:
+    if not isinstance(hp, MLPUpdateHyper):
+        raise TypeError(f"{op}: hp must be an MLPUpdateHyper, got {type(hp).__name__}")
+    for name in ("n_mom", "n_rms", "n_fac"):
+        v = getattr(hp, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{op}: hp.{name} must be an int >= 0, got {v!r}")
+    if isinstance(hp.fac_mom_index, bool) or not isinstance(hp.fac_mom_index, int) or \
+            not -1 <= hp.fac_mom_index < hp.n_mom:
+        raise ValueError(f"{op}: hp.fac_mom_index must be -1 or in [0, {hp.n_mom}), "
+                         f"got {hp.fac_mom_index}")
+    for name in ("log_sign_k", "eps", "norm_eps", "fac_eps"):
+        v = getattr(hp, name)
+        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            raise ValueError(f"{op}: hp.{name} must be a finite float > 0, got {v!r}")
+    if any(not (t > 0 and math.isfinite(t)) for t in hp.timescales):
+        raise ValueError(f"{op}: hp.timescales must be finite and > 0, got {hp.timescales}")
+    for name in ("exp_mult", "step_mult"):
+        if not math.isfinite(getattr(hp, name)):
+            raise ValueError(f"{op}: hp.{name} must be finite, got {getattr(hp, name)}")
+    if not hp.weight_decay >= 0.0:
+        raise ValueError(f"{op}: Invalid weight_decay value: {hp.weight_decay}")
+
+
+@annotate("mlp_update_")
+def mlp_update_(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[Tensor],
+                rmss: Sequence[Tensor], fac_rows: Sequence[Tensor], fac_cols: Sequence[Tensor],
+                steps: Sequence[Tensor], weights: Sequence[Tensor], decays: Tensor,
+                hp: MLPUpdateHyper) -> None:
+    """One learned-MLP step over lists of tensors, in place (no autograd; meta-training
+    differentiates :func:`mlp_update_functional` instead).
+
+    Args:
+        params: parameters (float32, bfloat16 or float16, one dtype per call), updated.
+        grads: their gradients, same dtypes and shapes; not modified.
+        moms: float32 ``(K, *p.shape)`` momenta, updated.
+        rmss: float32 ``(R, *p.shape)`` second moments, updated.
+        fac_rows, fac_cols: float32 factored accumulators, updated: ``(F, rows)`` and
+            ``(F, cols)`` for 2+ dim params viewed ``(prod(shape[:-1]), shape[-1])``;
+            ``(F, *shape)`` and ``(F, 0)`` for 0/1-dim params
+            (:func:`factored_state_shapes`).
+        steps: one float32 scalar per param: updates applied so far; incremented.
+        weights: float32 MLP weights ``[w0, b0, w1, b1, …]`` on the params' device.
+        decays: float32 ``(K+R+F,)`` tensor: momentum, RMS, then factored decays.
+        hp: :class:`MLPUpdateHyper`.
+
+    A tensor whose gradient has a NaN/Inf is skipped (param, state and step unchanged).
+    All tensors must be contiguous and on one device. The backend follows
+    :func:`pyoptk.set_backend`.
+    """
+    op = OP
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"{op}: params must be a list of tensors, got {type(params).__name__}")
+    params = _check_list(op, "params", params, len(params))
+    n = len(params)
+    grads = _check_list(op, "grads", grads, n)
+    moms = _check_list(op, "moms", moms, n)
+    rmss = _check_list(op, "rmss", rmss, n)
+    fac_rows = _check_list(op, "fac_rows", fac_rows, n)
+    fac_cols = _check_list(op, "fac_cols", fac_cols, n)
+    check_hyper(op, hp)
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in PARAM_DTYPES:
+        raise TypeError(f"{op}: params must be float32, bfloat16 or float16, got {dtype}")
+    K, R, F = hp.n_mom, hp.n_rms, hp.n_fac
+    for i, p in enumerate(params):
+        shape = tuple(p.shape)
+        if p.dtype != dtype:
+            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}; "
+                            "one call takes one parameter dtype (split groups by dtype)")
+        _check_tensor(op, f"params[{i}]", p, None, None, device)
+        _check_tensor(op, f"grads[{i}]", grads[i], shape, dtype, device)
+        _check_tensor(op, f"moms[{i}]", moms[i], (K,) + shape, STATE_DTYPE, device)
+        _check_tensor(op, f"rmss[{i}]", rmss[i], (R,) + shape, STATE_DTYPE, device)
+        fr_shape, fc_shape = factored_state_shapes(shape, F)
+        _check_tensor(op, f"fac_rows[{i}]", fac_rows[i], fr_shape, STATE_DTYPE, device)
+        _check_tensor(op, f"fac_cols[{i}]", fac_cols[i], fc_shape, STATE_DTYPE, device)
+    steps = list(steps) if isinstance(steps, (list, tuple)) else steps
+    check_steps(op, steps, n, device)
+    check_weights(op, weights, hp.n_features, device)
+    if not isinstance(decays, Tensor):
+        raise TypeError(f"{op}: decays must be a float32 tensor, got {type(decays).__name__}")
+    _check_tensor(op, "decays", decays, (K + R + F,), STATE_DTYPE, device)
+    lr_f, lr_t = check_lr(op, hp.lr_t if hp.lr_t is not None else hp.lr, device)
+    torch.ops.pyoptk.mlp_update_(
+        params, grads, moms, rmss, fac_rows, fac_cols, steps, list(weights), decays, K, R, F,
+        int(hp.fac_mom_index), float(hp.log_sign_k), [float(t) for t in hp.timescales],
+        float(hp.eps), float(hp.norm_eps), float(hp.fac_eps), float(hp.exp_mult),
+        float(hp.step_mult), lr_f, lr_t, float(hp.weight_decay))
