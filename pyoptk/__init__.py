@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 from pyoptk._backend import (  # noqa: E402
     SlowPathWarning, available_backends, get_backend, set_backend, use_backend)
 from pyoptk import ops  # noqa: E402  (registers torch.ops.pyoptk.*)
+from pyoptk import learned  # noqa: E402
 from pyoptk import optim  # noqa: E402
 
 __all__ = [
-    "__version__", "ops", "optim", "set_backend", "get_backend", "use_backend",
+    "__version__", "ops", "optim", "learned", "set_backend", "get_backend", "use_backend",
     "available_backends", "SlowPathWarning",
 ]

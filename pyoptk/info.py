@@ -12,7 +12,8 @@ import pyoptk
 from pyoptk import _backend
 from pyoptk._native import native_load_error, native_or_none
 
-OPS = ("adamw_", "lamb_", "clip_grad_norm_", "grad_norm", "centralize_gradients_")
+OPS = ("adamw_", "lamb_", "clip_grad_norm_", "grad_norm", "centralize_gradients_",
+       "mlp_update_")
 
 
 def report() -> str:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from pyoptk.learned.features import FeatureConfig, factored_init, momentum_init
-from pyoptk.learned.io import rule_hash
+from pyoptk.learned.files import rule_hash
 from pyoptk.ops.mlp_update import MLPUpdateHyper, check_weights, mlp_update_functional
 
 __all__ = [
@@ -156,7 +156,8 @@ def init_meta_params(config: Optional[MLPConfig] = None, seed: int = 0, *,
         out[f"w{i}"] = w
         out[f"b{i}"] = torch.zeros(fan_out, dtype=torch.float64)
     if config.learn_decays:
-        out["log1m_decays"] = torch.log1p(-torch.tensor(config.features.decays(), dtype=torch.float64))
+        decays = torch.tensor(config.features.decays(), dtype=torch.float64)
+        out["log1m_decays"] = torch.log1p(-decays)
     return OrderedDict((k, v.to(dtype=dtype, device=device)) for k, v in out.items())
 
 
@@ -201,7 +202,8 @@ def decays_tensor(config: MLPConfig, meta_params: Optional[Mapping[str, Tensor]]
             raise ValueError("MLPConfig(learn_decays=True) needs meta_params['log1m_decays']")
         x = meta_params["log1m_decays"]
         return (1 - torch.exp(torch.clamp(x, max=0.0))).to(dtype=dtype, device=device or x.device)
-    return torch.tensor(config.features.decays(), dtype=torch.float64).to(dtype=dtype, device=device)
+    decays = torch.tensor(config.features.decays(), dtype=torch.float64)
+    return decays.to(dtype=dtype, device=device)
 
 
 def rule_identity(meta_params: Mapping[str, Tensor], config: MLPConfig) -> Dict[str, str]:

@@ -7,9 +7,12 @@ from pyoptk.ops.centralize import centralize_gradients_, centralize_reference
 from pyoptk.ops.grad_norm import (
     clip_grad_norm_, clip_grad_norm_reference, grad_norm, grad_norm_reference)
 from pyoptk.ops.lamb import LambHyper, lamb_, lamb_reference
+from pyoptk.ops.mlp_update import (
+    MLPUpdateHyper, mlp_update_, mlp_update_functional, mlp_update_reference)
 
 __all__ = [
     "adamw_", "lamb_", "clip_grad_norm_", "grad_norm", "centralize_gradients_",
     "adamw_reference", "lamb_reference", "clip_grad_norm_reference", "grad_norm_reference",
     "centralize_reference", "AdamWHyper", "LambHyper",
+    "mlp_update_", "mlp_update_functional", "mlp_update_reference", "MLPUpdateHyper",
 ]

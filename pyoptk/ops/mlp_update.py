@@ -198,7 +198,8 @@ def factored_update(fac_row: Tensor, fac_col: Tensor, g: Tensor, decays: Tensor,
         col = ema(fac_col, g2m.mean(dim=0).unsqueeze(0), decays)
         vbar = row.mean(dim=1)
         return row, col, vbar
-    full = ema(fac_row.reshape(n_fac, -1), g2.reshape(1, -1), decays)
+    n = g.numel()
+    full = ema(fac_row.reshape(n_fac, n), g2.reshape(1, n), decays)
     return full.reshape(fac_row.shape), fac_col, full.mean(dim=1)
 
 
@@ -382,8 +383,13 @@ register_backend(OP, "torch")(mlp_update_reference)
 
 
 # ----------------------------------------------------------------------------------
-# Backend launchers: fused backends ('cpu', 'cuda', 'triton') are registered by the
-# kernel files when they exist; until then 'auto' resolves to 'torch' everywhere.
+# Backend launchers. None yet: 'auto' resolves to 'torch' on every device (without a
+# SlowPathWarning, since no fused backend is registered). A fused backend registers
+# here, as in adamw.py, with the reference's signature:
+#   @register_backend(OP, "cuda")   # or "cpu", "triton"
+#   def _mlp_update_cuda(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights,
+#                        decays, hp: MLPUpdateHyper) -> None
+# and must increment steps[i] itself for every tensor it does not skip.
 # ----------------------------------------------------------------------------------
 
 
@@ -468,8 +474,9 @@ def check_weights(op: str, weights: Sequence[Tensor], n_features: int,
     """``weights`` = [w0, b0, …]: (in, out) matrices and (out,) biases chained from
     ``n_features`` inputs to 2 outputs. Errors say which layer is wrong."""
     if not isinstance(weights, (list, tuple)) or len(weights) < 2 or len(weights) % 2:
+        got = len(weights) if isinstance(weights, (list, tuple)) else repr(weights)
         raise ValueError(f"{op}: weights must be a list [w0, b0, w1, b1, ...] of even length "
-                         f">= 2, got {len(weights) if isinstance(weights, (list, tuple)) else weights!r}")
+                         f">= 2, got {got}")
     width = n_features
     for i in range(len(weights) // 2):
         w, b = weights[2 * i], weights[2 * i + 1]

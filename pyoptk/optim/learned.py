@@ -18,6 +18,7 @@ Subclasses set ``rule_name``, ``rule_version`` and ``config_class`` and implemen
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from itertools import chain
 from typing import Any, ClassVar, Dict, Mapping, Optional
@@ -25,7 +26,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from pyoptk.learned import io as rule_io
+from pyoptk.learned import files as rule_io
 
 __all__ = ["LearnedOptimizer", "RuleMismatchError"]
 
@@ -148,8 +149,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
         no suffix: ``.safetensors`` if the package is importable, else ``.pt``).
         Returns the path written."""
         ident = self.rule_identity()
-        import json
-
         return rule_io.save_rule(path, self._meta_params, {
             "rule": ident["name"], "version": ident["version"], "hash": ident["hash"],
             "config": json.dumps(self.config.to_dict(), sort_keys=True)})
@@ -159,8 +158,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """``(meta_params, config)`` from a rule file or a shipped name, checked: the
         file's rule and version must be this class's, and its contents must match the
         hash recorded in it."""
-        import json
-
         path = rule_io.resolve(name_or_path)
         meta, info = rule_io.load_rule(path)
         if info.get("rule") != cls.rule_name:

@@ -1,0 +1,312 @@
+"""pyoptk.optim.MLPOptimizer / LearnedOptimizer: training-loop behaviour, buckets,
+low precision, checkpoints (round trip, bit-exact resume, wrong rule refused) and
+pretrained files."""
+
+import copy
+import io
+import os
+
+import pytest
+import torch
+
+from pyoptk.learned import FeatureConfig, MLPConfig, init_meta_params, init_state, update
+from pyoptk.learned import files as rule_io
+from pyoptk.learned import pretrained
+from pyoptk.optim import mlp as mlp_module
+from pyoptk.optim.learned import RuleMismatchError
+from pyoptk.optim.mlp import MLPOptimizer
+
+SMALL = MLPConfig(hidden_sizes=(8,))
+
+
+def model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    m.scale = torch.nn.Parameter(torch.tensor(1.5))  # a 0-dim parameter
+    return m.to(dtype)
+
+
+def data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 6, generator=g), torch.randn(32, 2, generator=g)
+
+
+def loss_fn(m, x, y):
+    return ((m(x.to(m[0].weight.dtype)) * m.scale - y.to(m[0].weight.dtype)) ** 2).float().mean()
+
+
+def train(m, opt, steps, seed=1):
+    x, y = data(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(m, x, y).backward()
+        opt.step()
+
+
+def test_step_without_and_with_closure():
+    m = model()
+    opt = MLPOptimizer(m.parameters(), config=SMALL)
+    x, y = data()
+    before = [p.clone() for p in m.parameters()]
+    loss_fn(m, x, y).backward()
+    assert opt.step() is None
+    assert all(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(m, x, y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+
+
+def test_params_without_grad_are_skipped():
+    m = model()
+    m[2].bias.requires_grad_(False)
+    opt = MLPOptimizer(m.parameters(), config=SMALL)
+    bias = m[2].bias.clone()
+    train(m, opt, 2)
+    assert torch.equal(m[2].bias, bias)
+    assert m[2].bias not in opt.state
+    assert opt.state[m[0].weight]["step"].item() == 2
+
+
+def test_step_equals_functional_update():
+    cfg = SMALL
+    meta = init_meta_params(cfg, seed=5)
+    m = model()
+    ref = [p.detach().clone() for p in m.parameters()]
+    ref_state = init_state(ref, cfg)
+    opt = MLPOptimizer(m.parameters(), meta_params=meta, config=cfg, lr_mult=0.5, weight_decay=0.01)
+    x, y = data()
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(m, x, y).backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        opt.step()
+        ref, ref_state = update(ref, grads, ref_state, meta, cfg, lr=0.5, weight_decay=0.01)
+    for p, r in zip(m.parameters(), ref):
+        assert torch.equal(p.detach(), r)
+
+
+def test_one_op_call_per_bucket(monkeypatch):
+    calls = []
+    real = mlp_module.mlp_update_
+
+    def counting(params, *args, **kw):
+        calls.append((len(params), params[0].dtype))
+        return real(params, *args, **kw)
+
+    monkeypatch.setattr(mlp_module, "mlp_update_", counting)
+    a, b = model(), model(torch.bfloat16)
+    opt = MLPOptimizer([{"params": a.parameters()},
+                        {"params": list(b.parameters()), "lr": 0.5}], config=SMALL)
+    x, y = data()
+    loss_fn(a, x, y).backward()
+    loss_fn(b, x, y).backward()
+    opt.step()
+    assert calls == [(5, torch.float32), (5, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_model_fp32_state(dtype):
+    m = model(dtype)
+    opt = MLPOptimizer(m.parameters(), config=SMALL, lr_mult=50.0)
+    before = [p.clone() for p in m.parameters()]
+    train(m, opt, 3)
+    for p, b in zip(m.parameters(), before):
+        assert p.dtype == dtype and torch.isfinite(p).all()
+        assert all(t.dtype == torch.float32 for t in opt.state[p].values())
+    # steps below half an ulp round away (no master weights): only the big ones show
+    assert not torch.equal(m[0].weight, before[0]) and not torch.equal(m[2].weight, before[2])
+
+
+def test_state_layout_and_bytes_per_param():
+    cfg = MLPConfig()
+    m = model()
+    opt = MLPOptimizer(m.parameters(), config=cfg)
+    train(m, opt, 1)
+    st = opt.state[m[0].weight]  # (5, 6)
+    assert {k: tuple(v.shape) for k, v in st.items()} == {
+        "step": (), "mom": (5, 5, 6), "rms": (1, 5, 6), "fac_row": (3, 5), "fac_col": (3, 6)}
+    st0 = opt.state[m.scale]     # 0-dim: full factored accumulator
+    assert tuple(st0["fac_row"].shape) == (3,) and tuple(st0["fac_col"].shape) == (3, 0)
+    for p in m.parameters():
+        nbytes = sum(t.numel() * t.element_size() for t in opt.state[p].values())
+        assert nbytes == cfg.features.state_bytes(p.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_state_dict_round_trip_bit_exact_resume(dtype):
+    meta = init_meta_params(SMALL, seed=9)
+    full = model(dtype)
+    opt_full = MLPOptimizer(full.parameters(), meta_params=meta, config=SMALL, lr_mult=30.0)
+    train(full, opt_full, 6)
+
+    part = model(dtype)
+    opt_part = MLPOptimizer(part.parameters(), meta_params=meta, config=SMALL, lr_mult=30.0)
+    train(part, opt_part, 3)
+    buf = io.BytesIO()
+    torch.save({"model": part.state_dict(), "opt": opt_part.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed = model(dtype, seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt_res = MLPOptimizer(resumed.parameters(), meta_params=meta, config=SMALL, lr_mult=1.0)
+    opt_res.load_state_dict(ckpt["opt"])
+    assert opt_res.param_groups[0]["lr"] == 30.0
+    for p in resumed.parameters():
+        assert all(t.dtype == torch.float32 for t in opt_res.state[p].values())
+    train(resumed, opt_res, 3)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        for k in opt_full.state[a]:
+            assert torch.equal(opt_full.state[a][k], opt_res.state[b][k]), k
+
+
+class TestRuleMismatch:
+    def setup_method(self):
+        m = model()
+        self.opt = MLPOptimizer(m.parameters(), meta_params=init_meta_params(SMALL, seed=1),
+                                config=SMALL)
+        train(m, self.opt, 1)
+        self.sd = copy.deepcopy(self.opt.state_dict())
+        self.other_model = model()
+
+    def test_other_meta_params_refused(self):
+        opt = MLPOptimizer(self.other_model.parameters(),
+                           meta_params=init_meta_params(SMALL, seed=2), config=SMALL)
+        with pytest.raises(RuleMismatchError, match="different meta-parameters or config"):
+            opt.load_state_dict(self.sd)
+        assert len(opt.state) == 0  # nothing was loaded
+
+    def test_other_config_refused(self):
+        cfg = MLPConfig(hidden_sizes=(8,), exp_mult=2e-3)
+        opt = MLPOptimizer(self.other_model.parameters(), meta_params=init_meta_params(cfg, seed=1),
+                           config=cfg)
+        with pytest.raises(ValueError, match="different meta-parameters or config"):
+            opt.load_state_dict(self.sd)
+
+    def test_other_version_refused(self):
+        self.sd["rule"]["version"] = "0"
+        opt = MLPOptimizer(self.other_model.parameters(), meta_params=self.opt.meta_params,
+                           config=SMALL)
+        with pytest.raises(RuleMismatchError, match="version '0'.*implements version '1'"):
+            opt.load_state_dict(self.sd)
+
+    def test_other_rule_and_plain_torch_checkpoint_refused(self):
+        opt = MLPOptimizer(self.other_model.parameters(), meta_params=self.opt.meta_params,
+                           config=SMALL)
+        sd = dict(self.sd, rule=dict(self.sd["rule"], name="lstm"))
+        with pytest.raises(RuleMismatchError, match="rule 'lstm' but this optimizer runs 'mlp'"):
+            opt.load_state_dict(sd)
+        adam = torch.optim.Adam(model().parameters())
+        with pytest.raises(RuleMismatchError, match="no learned-rule identity"):
+            opt.load_state_dict(adam.state_dict())
+
+    def test_same_rule_accepted(self):
+        opt = MLPOptimizer(self.other_model.parameters(), meta_params=self.opt.meta_params,
+                           config=SMALL)
+        opt.load_state_dict(self.sd)
+        assert opt.rule_identity() == self.sd["rule"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ""])
+def test_save_and_from_pretrained(tmp_path, suffix):
+    if suffix == ".safetensors" and not rule_io.have_safetensors():
+        pytest.skip("safetensors not installed")
+    cfg = MLPConfig(features=FeatureConfig(momentum_decays=(0.5, 0.9), fac_momentum_decay=None),
+                    hidden_sizes=(6, 5), learn_decays=True)
+    opt = MLPOptimizer(model().parameters(), config=cfg, seed=7)
+    path = opt.save_pretrained(tmp_path / f"rule{suffix}")
+    assert os.path.isfile(path) and (suffix == "" or path.endswith(suffix))
+    m = model()
+    loaded = MLPOptimizer.from_pretrained(path, m.parameters(), lr_mult=0.5)
+    assert loaded.config == cfg
+    assert loaded.rule_identity() == opt.rule_identity()
+    assert list(loaded.meta_params) == list(opt.meta_params)
+    assert loaded.param_groups[0]["lr"] == 0.5
+    train(m, loaded, 1)
+
+
+def test_tampered_file_and_wrong_rule_refused(tmp_path):
+    opt = MLPOptimizer(model().parameters(), config=SMALL)
+    path = opt.save_pretrained(tmp_path / "r.pt")
+    meta, info = rule_io.load_rule(path)
+    meta["b0"] = meta["b0"] + 1
+    rule_io.save_rule(tmp_path / "bad.pt", meta, info)
+    with pytest.raises(RuleMismatchError, match="do not match the hash"):
+        MLPOptimizer.from_pretrained(tmp_path / "bad.pt", model().parameters())
+    meta, info = rule_io.load_rule(path)
+    rule_io.save_rule(tmp_path / "lstm.pt", meta, dict(info, rule="lstm"))
+    with pytest.raises(RuleMismatchError, match="holds learned rule 'lstm'"):
+        MLPOptimizer.from_pretrained(tmp_path / "lstm.pt", model().parameters())
+    torch.save({"x": torch.zeros(1)}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not a pyoptk learned-rule file"):
+        MLPOptimizer.from_pretrained(tmp_path / "junk.pt", model().parameters())
+
+
+def test_unknown_pretrained_name_lists_available(tmp_path):
+    with pytest.raises(ValueError, match="no shipped pretrained learned optimizer named "
+                                         "'nope'; available: none"):
+        MLPOptimizer.from_pretrained("nope", model().parameters())
+    with pytest.raises(FileNotFoundError, match="no learned-rule file"):
+        MLPOptimizer.from_pretrained(tmp_path / "missing.pt", model().parameters())
+    assert pretrained.available() == []
+
+
+def test_lr_scheduler_and_tensor_lr():
+    m = model()
+    opt = MLPOptimizer(m.parameters(), config=SMALL)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)  # lr := 0
+    before = [p.clone() for p in m.parameters()]
+    train(m, opt, 1)
+    sched.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt.state[m[0].weight]["step"].item() == 1  # the state still advanced
+    m2 = model()
+    opt2 = MLPOptimizer(m2.parameters(), config=SMALL, lr_mult=torch.tensor(0.0))
+    train(m2, opt2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))
+
+
+def test_bad_arguments():
+    ps = list(model().parameters())
+    with pytest.raises(ValueError, match="Invalid lr_mult value: -1"):
+        MLPOptimizer(ps, lr_mult=-1.0)
+    with pytest.raises(ValueError, match="Invalid weight_decay value"):
+        MLPOptimizer(ps, weight_decay=-0.1)
+    with pytest.raises(TypeError, match="config must be an MLPConfig"):
+        MLPOptimizer(ps, config=FeatureConfig())
+    other = init_meta_params(MLPConfig(features=FeatureConfig(fac_momentum_decay=None)))
+    with pytest.raises(ValueError, match="w0 has shape \\(36, 32\\), expected \\(39, 32\\)"):
+        MLPOptimizer(ps, meta_params=other)
+    with pytest.raises(TypeError, match="config and meta_params come from the file"):
+        MLPOptimizer.from_pretrained("x.pt", ps, config=SMALL)
+
+
+def test_sparse_grad_rejected():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = MLPOptimizer(emb.parameters(), config=SMALL)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_nan_grad_skips_tensor_in_optimizer():
+    m = model()
+    opt = MLPOptimizer(m.parameters(), config=SMALL)
+    train(m, opt, 1)
+    x, y = data()
+    opt.zero_grad()
+    loss_fn(m, x, y).backward()
+    m[0].weight.grad[0, 0] = float("nan")
+    w = m[0].weight.clone()
+    b = m[0].bias.clone()
+    opt.step()
+    assert torch.equal(m[0].weight, w) and opt.state[m[0].weight]["step"].item() == 1
+    assert not torch.equal(m[0].bias, b) and opt.state[m[0].bias]["step"].item() == 2
