@@ -150,8 +150,8 @@ void check_centralize(const char* fn, const PtrList& grads, const SizeList& rows
 
 #ifndef PYOPTK_WITH_CUDA
 [[noreturn]] void no_cuda(const char* fn) {
-  throw std::runtime_error(std::string("pyoptk._C was built without CUDA (no nvcc found at "
-                                       "build time), so pyoptk._C.") +
+  throw std::runtime_error(std::string("pyoptk._C was built without CUDA (nvcc not found, or "
+                                       "PYOPTK_CUDA=OFF, at build time), so pyoptk._C.") +
                            fn + " is unavailable; rebuild with nvcc on PATH and "
                                 "PYOPTK_CUDA=ON, or use the 'triton' or 'torch' backend");
 }

@@ -108,7 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, (losses, *_rest) in results.items():
         k = 10  # moving average over 10 steps for readability
         smooth = torch.tensor(losses).unfold(0, k, 1).mean(1) if len(losses) > k else losses
-        ax.plot(list(smooth), label=name)
+        # torch's AdamW dashed on top: pyoptk's AdamW follows it exactly.
+        style = dict(linestyle="--", color="black", zorder=3) if name.startswith("torch") else {}
+        ax.plot(list(smooth), label=name, **style)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (10-step mean)")

@@ -12,22 +12,25 @@ namespace {
 // One contiguous span of one tensor. Template flags keep the inner loop branch-free
 // so it vectorizes (no fast-math: the result is the exact IEEE fp32 math).
 template <typename T, bool AMSGRAD, bool MAXIMIZE>
-void adamw_span(T* PYOPTK_RESTRICT p, const T* PYOPTK_RESTRICT g, float* PYOPTK_RESTRICT m,
-                float* PYOPTK_RESTRICT v, float* PYOPTK_RESTRICT vmax, int64_t n,
-                const AdamWScalars s) {
+struct AdamWSpan {
+  PYOPTK_LOOP void run(T* PYOPTK_RESTRICT p, const T* PYOPTK_RESTRICT g,
+                       float* PYOPTK_RESTRICT m, float* PYOPTK_RESTRICT v,
+                       float* PYOPTK_RESTRICT vmax, int64_t n, const AdamWScalars* sp) {
+    const AdamWScalars s = *sp;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float mi = m[i];
-    float vi = v[i];
-    float vm = AMSGRAD ? vmax[i] : 0.0f;
-    const float pn =
-        adamw_element<AMSGRAD, MAXIMIZE>(load_f32(p[i]), load_f32(g[i]), mi, vi, vm, s);
-    m[i] = mi;
-    v[i] = vi;
-    if (AMSGRAD) vmax[i] = vm;
-    p[i] = store_from_f32<T>(pn);
+    for (int64_t i = 0; i < n; ++i) {
+      float mi = m[i];
+      float vi = v[i];
+      float vm = AMSGRAD ? vmax[i] : 0.0f;
+      const float pn =
+          adamw_element<AMSGRAD, MAXIMIZE>(load_f32(p[i]), load_f32(g[i]), mi, vi, vm, s);
+      m[i] = mi;
+      v[i] = vi;
+      if (AMSGRAD) vmax[i] = vm;
+      p[i] = store_from_f32<T>(pn);
+    }
   }
-}
+};
 
 template <typename T, bool AMSGRAD, bool MAXIMIZE>
 void adamw_cpu_impl(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
@@ -43,10 +46,10 @@ void adamw_cpu_impl(const PtrList& params, const PtrList& grads, const PtrList& 
     const cpu::Chunk& ch = chunks[static_cast<size_t>(c)];
     const size_t t = static_cast<size_t>(ch.tensor);
     float* vmax = AMSGRAD ? cpu::as_ptr<float>(max_exp_avg_sqs[t]) + ch.begin : nullptr;
-    adamw_span<T, AMSGRAD, MAXIMIZE>(
+    cpu::run_loop<AdamWSpan<T, AMSGRAD, MAXIMIZE>>(
         cpu::as_ptr<T>(params[t]) + ch.begin, cpu::as_ptr<const T>(grads[t]) + ch.begin,
         cpu::as_ptr<float>(exp_avgs[t]) + ch.begin, cpu::as_ptr<float>(exp_avg_sqs[t]) + ch.begin,
-        vmax, ch.len, scalars[t]);
+        vmax, ch.len, &scalars[t]);
   });
 }
 

@@ -23,18 +23,39 @@ struct Segment {
 };
 
 template <typename T>
-double row_sum(const T* PYOPTK_RESTRICT g, int64_t n) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(load_f32(g[i]));
-  return acc;
-}
+struct RowSum {  // double sum with a fixed association (see cpu::kLanes)
+  PYOPTK_LOOP double run(const T* PYOPTK_RESTRICT g, int64_t n) {
+    double acc[cpu::kLanes] = {};
+    const int64_t nb = n - n % cpu::kLanes;
+    for (int64_t b = 0; b < nb; b += cpu::kLanes) {
+#pragma omp simd
+      for (int k = 0; k < cpu::kLanes; ++k) acc[k] += static_cast<double>(load_f32(g[b + k]));
+    }
+    for (int64_t i = nb; i < n; ++i) acc[i - nb] += static_cast<double>(load_f32(g[i]));
+    return cpu::combine_lanes(acc);
+  }
+};
 
 template <typename T>
-void subtract(T* PYOPTK_RESTRICT g, int64_t n, float mean) {
+struct Subtract {
+  PYOPTK_LOOP void run(T* PYOPTK_RESTRICT g, int64_t n, float mean) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) g[i] = store_from_f32<T>(centralize_apply(load_f32(g[i]), mean));
-}
+    for (int64_t i = 0; i < n; ++i) {
+      g[i] = store_from_f32<T>(centralize_apply(load_f32(g[i]), mean));
+    }
+  }
+};
+
+// Whole rows: mean and subtraction per row.
+template <typename T>
+struct WholeRows {
+  PYOPTK_LOOP void run(T* g, int64_t count, int64_t cols) {
+    for (int64_t r = 0; r < count; ++r) {
+      T* row = g + r * cols;
+      Subtract<T>::run(row, cols, centralize_mean(RowSum<T>::run(row, cols), cols));
+    }
+  }
+};
 
 template <typename T>
 void centralize_impl(const PtrList& grads, const SizeList& rows, const SizeList& cols) {
@@ -65,14 +86,12 @@ void centralize_impl(const PtrList& grads, const SizeList& rows, const SizeList&
     const int64_t C = cols[static_cast<size_t>(s.tensor)];
     T* base = cpu::as_ptr<T>(grads[static_cast<size_t>(s.tensor)]) + s.row * C;
     if (!s.piece) {
-      for (int64_t r = 0; r < s.count; ++r) {
-        T* g = base + r * C;
-        subtract(g, C, centralize_mean(row_sum(g, C), C));
-      }
+      cpu::run_loop<WholeRows<T>>(base, s.count, C);
     } else {
       const int64_t begin = s.count * kChunkSize;
       partials[static_cast<size_t>(s.first_piece + s.count)] =
-          row_sum(base + begin, std::min(kChunkSize, C - begin));
+          cpu::run_loop<RowSum<T>>(static_cast<const T*>(base + begin),
+                                   std::min(kChunkSize, C - begin));
     }
   });
   if (npieces == 0) return;
@@ -87,7 +106,8 @@ void centralize_impl(const PtrList& grads, const SizeList& rows, const SizeList&
     for (int64_t k = 0; k < pieces; ++k) sum += partials[static_cast<size_t>(s.first_piece + k)];
     T* base = cpu::as_ptr<T>(grads[static_cast<size_t>(s.tensor)]) + s.row * C;
     const int64_t begin = s.count * kChunkSize;
-    subtract(base + begin, std::min(kChunkSize, C - begin), centralize_mean(sum, C));
+    cpu::run_loop<Subtract<T>>(base + begin, std::min(kChunkSize, C - begin),
+                               centralize_mean(sum, C));
   });
 }
 

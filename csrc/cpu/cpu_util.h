@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #ifdef PYOPTK_WITH_OPENMP
@@ -59,6 +60,69 @@ inline void parallel_for(int64_t n, F&& f) {
   }
 #endif
   for (int64_t i = 0; i < n; ++i) f(i);
+}
+
+// ---- instruction-set dispatch --------------------------------------------------------
+// The wheel targets baseline x86-64 (SSE2), where the 32 -> 16 bit packing of the
+// bf16/fp16 stores is slow. Every inner loop (a kernel struct K with a static,
+// always-inlined run()) is therefore compiled twice, for baseline and for AVX2, and the
+// AVX2 copy runs where the CPU has it. Only AVX2 is enabled, not FMA: both copies do
+// the same IEEE operations in the same order, so results are bit-identical.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define PYOPTK_X86_DISPATCH 1
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PYOPTK_LOOP static inline __attribute__((always_inline))
+#else
+#define PYOPTK_LOOP static inline
+#endif
+
+#ifdef PYOPTK_X86_DISPATCH
+// PYOPTK_CPU_BASELINE=1 in the environment forces the baseline copy (tests compare the
+// two copies bit for bit).
+inline bool cpu_has_avx2() {
+  static const bool has = [] {
+    const char* force = std::getenv("PYOPTK_CPU_BASELINE");
+    if (force != nullptr && force[0] != '\0' && force[0] != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has;
+}
+
+template <typename K, typename... A>
+__attribute__((target("avx2"))) auto run_avx2(A... a) -> decltype(K::run(a...)) {
+  return K::run(a...);
+}
+#endif
+
+template <typename K, typename... A>
+auto run_baseline(A... a) -> decltype(K::run(a...)) {
+  return K::run(a...);
+}
+
+// K::run(a...) with the best instruction set available.
+template <typename K, typename... A>
+inline auto run_loop(A... a) -> decltype(K::run(a...)) {
+#ifdef PYOPTK_X86_DISPATCH
+  if (cpu_has_avx2()) return run_avx2<K>(a...);
+#endif
+  return run_baseline<K>(a...);
+}
+
+// ---- sums with a fixed association ---------------------------------------------------
+// Sums inside a chunk use kLanes independent double accumulators (element i goes to
+// lane i % kLanes) combined by a fixed tree: the compiler vectorizes the lanes without
+// reassociating anything, so the result is the same for every instruction set, vector
+// width and thread count.
+constexpr int kLanes = 8;
+
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((always_inline))
+#endif
+inline double combine_lanes(const double* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
 template <typename T>

@@ -13,36 +13,49 @@ namespace pyoptk {
 namespace {
 
 template <typename T>
-double sq_sum_span(const T* PYOPTK_RESTRICT g, int64_t n) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const double x = load_f32(g[i]);
-    acc += x * x;
-  }
-  return acc;
-}
-
-template <typename T>
-double max_abs_span(const T* PYOPTK_RESTRICT g, int64_t n) {
-  // Max of |g| plus a separate NaN flag: both reductions vectorize, and a NaN anywhere
-  // makes the result NaN (torch's inf-norm of a NaN gradient is NaN).
-  float mx = 0.0f;
-  int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = norm_abs_term(load_f32(g[i]));
-    mx = a > mx ? a : mx;
-    nan |= (a != a) ? 1 : 0;
-  }
-  return nan ? static_cast<double>(NAN) : static_cast<double>(mx);
-}
-
-template <typename T>
-void scale_span(T* PYOPTK_RESTRICT g, int64_t n, float coef) {
+struct SqSumSpan {  // sum of g^2 in double, fixed association (see cpu::kLanes)
+  PYOPTK_LOOP double run(const T* PYOPTK_RESTRICT g, int64_t n) {
+    double acc[cpu::kLanes] = {};
+    const int64_t nb = n - n % cpu::kLanes;
+    for (int64_t b = 0; b < nb; b += cpu::kLanes) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) g[i] = store_from_f32<T>(clip_apply(load_f32(g[i]), coef));
-}
+      for (int k = 0; k < cpu::kLanes; ++k) {
+        const double x = load_f32(g[b + k]);
+        acc[k] += x * x;
+      }
+    }
+    for (int64_t i = nb; i < n; ++i) {
+      const double x = load_f32(g[i]);
+      acc[i - nb] += x * x;
+    }
+    return cpu::combine_lanes(acc);
+  }
+};
+
+template <typename T>
+struct MaxAbsSpan {
+  // Max of |g| plus a separate NaN flag: both reductions vectorize (max is exact in
+  // any order), and a NaN anywhere makes the result NaN as in torch's inf-norm.
+  PYOPTK_LOOP double run(const T* PYOPTK_RESTRICT g, int64_t n) {
+    float mx = 0.0f;
+    int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = norm_abs_term(load_f32(g[i]));
+      mx = a > mx ? a : mx;
+      nan |= (a != a) ? 1 : 0;
+    }
+    return nan ? static_cast<double>(NAN) : static_cast<double>(mx);
+  }
+};
+
+template <typename T>
+struct ScaleSpan {
+  PYOPTK_LOOP void run(T* PYOPTK_RESTRICT g, int64_t n, float coef) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) g[i] = store_from_f32<T>(clip_apply(load_f32(g[i]), coef));
+  }
+};
 
 template <typename T>
 float total_norm(const PtrList& grads, const std::vector<cpu::Chunk>& chunks, bool inf_norm) {
@@ -51,7 +64,8 @@ float total_norm(const PtrList& grads, const std::vector<cpu::Chunk>& chunks, bo
   cpu::parallel_for(nc, [&](int64_t c) {
     const cpu::Chunk& ch = chunks[static_cast<size_t>(c)];
     const T* g = cpu::as_ptr<const T>(grads[static_cast<size_t>(ch.tensor)]) + ch.begin;
-    partials[static_cast<size_t>(c)] = inf_norm ? max_abs_span(g, ch.len) : sq_sum_span(g, ch.len);
+    partials[static_cast<size_t>(c)] = inf_norm ? cpu::run_loop<MaxAbsSpan<T>>(g, ch.len)
+                                                : cpu::run_loop<SqSumSpan<T>>(g, ch.len);
   });
   double combined = 0.0;
   for (double x : partials) combined = inf_norm ? norm_max_combine(combined, x) : combined + x;
@@ -79,7 +93,8 @@ void clip_grad_norm_cpu(const PtrList& grads, const SizeList& numels, int dtype,
     const float coef = clip_coef(total, static_cast<float>(max_norm));
     cpu::parallel_for(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
       const cpu::Chunk& ch = chunks[static_cast<size_t>(c)];
-      scale_span(cpu::as_ptr<T>(grads[static_cast<size_t>(ch.tensor)]) + ch.begin, ch.len, coef);
+      cpu::run_loop<ScaleSpan<T>>(
+          cpu::as_ptr<T>(grads[static_cast<size_t>(ch.tensor)]) + ch.begin, ch.len, coef);
     });
   });
 }

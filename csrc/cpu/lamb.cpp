@@ -18,54 +18,70 @@ struct NormPartial {
   double u_sq;
 };
 
+// Pass 1: moments, and the chunk's sums of p^2 and u^2 (double).
 template <typename T, bool MAXIMIZE>
-NormPartial lamb_pass1_span(const T* PYOPTK_RESTRICT p, const T* PYOPTK_RESTRICT g,
-                            float* PYOPTK_RESTRICT m, float* PYOPTK_RESTRICT v, int64_t n,
-                            const LambScalars s) {
-  double p_sq = 0.0, u_sq = 0.0;
-#pragma omp simd reduction(+ : p_sq, u_sq)
-  for (int64_t i = 0; i < n; ++i) {
-    const float pf = load_f32(p[i]);
-    float mi = m[i];
-    float vi = v[i];
-    const float u = lamb_moments<MAXIMIZE>(pf, load_f32(g[i]), mi, vi, s);
-    m[i] = mi;
-    v[i] = vi;
-    const double pd = pf, ud = u;
-    p_sq += pd * pd;
-    u_sq += ud * ud;
-  }
-  return NormPartial{p_sq, u_sq};
-}
-
-template <typename T>
-void lamb_pass2_span(T* PYOPTK_RESTRICT p, const float* PYOPTK_RESTRICT m,
-                     const float* PYOPTK_RESTRICT v, int64_t n, const LambScalars s,
-                     float step_factor) {
+struct LambPass1Span {
+  PYOPTK_LOOP NormPartial run(const T* PYOPTK_RESTRICT p, const T* PYOPTK_RESTRICT g,
+                              float* PYOPTK_RESTRICT m, float* PYOPTK_RESTRICT v, int64_t n,
+                              const LambScalars* sp) {
+    const LambScalars s = *sp;
+    double p_sq[cpu::kLanes] = {}, u_sq[cpu::kLanes] = {};
+    const auto element = [&](int64_t i, int k) __attribute__((always_inline)) {
+      const float pf = load_f32(p[i]);
+      float mi = m[i];
+      float vi = v[i];
+      const float u = lamb_moments<MAXIMIZE>(pf, load_f32(g[i]), mi, vi, s);
+      m[i] = mi;
+      v[i] = vi;
+      const double pd = pf, ud = u;
+      p_sq[k] += pd * pd;
+      u_sq[k] += ud * ud;
+    };
+    const int64_t nb = n - n % cpu::kLanes;
+    for (int64_t b = 0; b < nb; b += cpu::kLanes) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float pf = load_f32(p[i]);
-    const float u = lamb_direction(pf, m[i], v[i], s);
-    p[i] = store_from_f32<T>(lamb_apply(pf, u, step_factor));
+      for (int k = 0; k < cpu::kLanes; ++k) element(b + k, k);
+    }
+    for (int64_t i = nb; i < n; ++i) element(i, static_cast<int>(i - nb));
+    return NormPartial{cpu::combine_lanes(p_sq), cpu::combine_lanes(u_sq)};
   }
-}
+};
+
+// Pass 2: u recomputed from the updated moments and the unchanged p, then applied.
+template <typename T>
+struct LambPass2Span {
+  PYOPTK_LOOP void run(T* PYOPTK_RESTRICT p, const float* PYOPTK_RESTRICT m,
+                       const float* PYOPTK_RESTRICT v, int64_t n, const LambScalars* sp,
+                       float step_factor) {
+    const LambScalars s = *sp;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float pf = load_f32(p[i]);
+      const float u = lamb_direction(pf, m[i], v[i], s);
+      p[i] = store_from_f32<T>(lamb_apply(pf, u, step_factor));
+    }
+  }
+};
 
 // adam mode (trust ratio 1): moments and update in one pass.
 template <typename T, bool MAXIMIZE>
-void lamb_adam_span(T* PYOPTK_RESTRICT p, const T* PYOPTK_RESTRICT g, float* PYOPTK_RESTRICT m,
-                    float* PYOPTK_RESTRICT v, int64_t n, const LambScalars s,
-                    float step_factor) {
+struct LambAdamSpan {
+  PYOPTK_LOOP void run(T* PYOPTK_RESTRICT p, const T* PYOPTK_RESTRICT g,
+                       float* PYOPTK_RESTRICT m, float* PYOPTK_RESTRICT v, int64_t n,
+                       const LambScalars* sp, float step_factor) {
+    const LambScalars s = *sp;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float pf = load_f32(p[i]);
-    float mi = m[i];
-    float vi = v[i];
-    const float u = lamb_moments<MAXIMIZE>(pf, load_f32(g[i]), mi, vi, s);
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = store_from_f32<T>(lamb_apply(pf, u, step_factor));
+    for (int64_t i = 0; i < n; ++i) {
+      const float pf = load_f32(p[i]);
+      float mi = m[i];
+      float vi = v[i];
+      const float u = lamb_moments<MAXIMIZE>(pf, load_f32(g[i]), mi, vi, s);
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = store_from_f32<T>(lamb_apply(pf, u, step_factor));
+    }
   }
-}
+};
 
 template <typename T, bool MAXIMIZE>
 void lamb_cpu_impl(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
@@ -85,12 +101,11 @@ void lamb_cpu_impl(const PtrList& params, const PtrList& grads, const PtrList& e
     cpu::parallel_for(nc, [&](int64_t c) {
       const cpu::Chunk& ch = chunks[static_cast<size_t>(c)];
       const size_t t = static_cast<size_t>(ch.tensor);
-      const LambScalars& s = scalars[t];
-      lamb_adam_span<T, MAXIMIZE>(
+      cpu::run_loop<LambAdamSpan<T, MAXIMIZE>>(
           cpu::as_ptr<T>(params[t]) + ch.begin, cpu::as_ptr<const T>(grads[t]) + ch.begin,
           cpu::as_ptr<float>(exp_avgs[t]) + ch.begin,
-          cpu::as_ptr<float>(exp_avg_sqs[t]) + ch.begin, ch.len, s,
-          lamb_step_factor(s.lr, 1.0f));
+          cpu::as_ptr<float>(exp_avg_sqs[t]) + ch.begin, ch.len, &scalars[t],
+          lamb_step_factor(scalars[t].lr, 1.0f));
     });
     return;
   }
@@ -99,10 +114,10 @@ void lamb_cpu_impl(const PtrList& params, const PtrList& grads, const PtrList& e
   cpu::parallel_for(nc, [&](int64_t c) {
     const cpu::Chunk& ch = chunks[static_cast<size_t>(c)];
     const size_t t = static_cast<size_t>(ch.tensor);
-    partials[static_cast<size_t>(c)] = lamb_pass1_span<T, MAXIMIZE>(
+    partials[static_cast<size_t>(c)] = cpu::run_loop<LambPass1Span<T, MAXIMIZE>>(
         cpu::as_ptr<const T>(params[t]) + ch.begin, cpu::as_ptr<const T>(grads[t]) + ch.begin,
         cpu::as_ptr<float>(exp_avgs[t]) + ch.begin,
-        cpu::as_ptr<float>(exp_avg_sqs[t]) + ch.begin, ch.len, scalars[t]);
+        cpu::as_ptr<float>(exp_avg_sqs[t]) + ch.begin, ch.len, &scalars[t]);
   });
 
   std::vector<float> step_factor(nt, 0.0f);
@@ -120,10 +135,10 @@ void lamb_cpu_impl(const PtrList& params, const PtrList& grads, const PtrList& e
   cpu::parallel_for(nc, [&](int64_t c) {
     const cpu::Chunk& ch = chunks[static_cast<size_t>(c)];
     const size_t t = static_cast<size_t>(ch.tensor);
-    lamb_pass2_span<T>(cpu::as_ptr<T>(params[t]) + ch.begin,
-                       cpu::as_ptr<const float>(exp_avgs[t]) + ch.begin,
-                       cpu::as_ptr<const float>(exp_avg_sqs[t]) + ch.begin, ch.len, scalars[t],
-                       step_factor[t]);
+    cpu::run_loop<LambPass2Span<T>>(cpu::as_ptr<T>(params[t]) + ch.begin,
+                                    cpu::as_ptr<const float>(exp_avgs[t]) + ch.begin,
+                                    cpu::as_ptr<const float>(exp_avg_sqs[t]) + ch.begin, ch.len,
+                                    &scalars[t], step_factor[t]);
   });
 }
 

@@ -14,6 +14,11 @@
 #include "pyoptk/api.h"
 #include "pyoptk/common.h"
 
+// Kernel arguments above 4 KB (the multi-tensor tables) need CUDA 12.1+.
+#if CUDART_VERSION < 12010
+#error "pyoptk's CUDA kernels need CUDA 12.1 or newer (kernel parameters up to 32764 bytes)"
+#endif
+
 namespace pyoptk {
 namespace cuda {
 
@@ -113,11 +118,11 @@ inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_
 // Tensors of a call are packed into fixed-capacity tables passed by value as the kernel
 // argument (__grid_constant__, read in place from the parameter bank). Zero-numel
 // tensors are skipped. A call with more tensors than one table holds is split into
-// consecutive tables (one launch each); `index` (position among the call's non-empty
-// tensors) and chunk_base (global chunk index) keep workspace slots global.
+// consecutive tables (one launch each); kernels that use a workspace get the global
+// chunk / tensor offset of their table so workspace slots stay global.
 struct TableEntry {
-  int32_t index;       // position in the call's lists
-  int64_t numel;
+  int32_t index;  // position in the call's lists
+  int64_t numel;  // > 0
 };
 
 // Splits [0, numels.size()) into groups of at most `capacity` non-empty tensors.
@@ -150,21 +155,6 @@ __device__ __forceinline__ int find_slot(const int32_t* chunk_start, int n, int3
 // ---- vector access -------------------------------------------------------------------
 // kVec (= 4) consecutive elements as fp32: one 16-byte access for float, one 8-byte
 // access for bf16/f16. Callers check alignment first.
-template <typename T>
-struct Vec4Raw;
-template <>
-struct Vec4Raw<float> {
-  using type = float4;
-};
-template <>
-struct Vec4Raw<bf16_t> {
-  using type = uint2;
-};
-template <>
-struct Vec4Raw<f16_t> {
-  using type = uint2;
-};
-
 __device__ __forceinline__ void unpack4(float4 r, float (&x)[kVec]) {
   x[0] = r.x; x[1] = r.y; x[2] = r.z; x[3] = r.w;
 }

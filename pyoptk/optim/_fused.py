@@ -1,13 +1,16 @@
 """Shared machinery of pyoptk's fused first-order optimizers (private).
 
-``FusedOptimizer.step`` gathers, per param group, the params with a gradient and their
-state (``_init_group``), splits them by (device, dtype) and makes one fused op call per
-bucket: never a Python loop over tensors doing math.
+``FusedOptimizer.step`` gathers, per param group, the params that have a gradient and
+their state (``_init_group``), splits them into (device, dtype) buckets and makes one
+fused op call per bucket: list building is the only per-tensor Python work.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import math
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 from torch import Tensor
@@ -15,106 +18,214 @@ from torch import Tensor
 from pyoptk._nvtx import nvtx_range
 from pyoptk.ops import centralize_gradients_
 
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32
 
 
-def check_common_args(lr, betas, eps, weight_decay) -> None:
-    """torch.optim's argument checks, with torch's messages."""
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_lr(lr: Any, where: str = "") -> None:
+    """torch.optim's learning-rate check (a float or a one-element tensor, >= 0)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr_value = float(lr.detach().cpu().item())
+            raise ValueError(f"Tensor lr must be 1-element{where}")
+        if not lr.is_floating_point():
+            raise TypeError(f"Tensor lr must be a floating-point tensor, got {lr.dtype}{where}")
+        value = float(lr.detach().reshape(()).cpu())
+    elif _is_number(lr):
+        value = lr
     else:
-        lr_value = lr
-    if not 0.0 <= lr_value:
-        raise ValueError(f"Invalid learning rate: {lr}")
+        raise TypeError(
+            f"lr must be a float or a one-element tensor, got {type(lr).__name__}{where}")
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid learning rate: {lr}{where}")
+
+
+def check_adam_args(group: Mapping[str, Any], where: str = "") -> None:
+    """torch.optim.Adam's checks, with its messages, on ``lr``, ``betas``, ``eps`` and
+    ``weight_decay``. ``where`` (e.g. " (param group 1)") is appended to messages."""
+    check_lr(group["lr"], where)
+    eps, betas, weight_decay = group["eps"], group["betas"], group["weight_decay"]
+    if not _is_number(eps):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}{where}")
     if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        raise ValueError(f"Invalid epsilon value: {eps}{where}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_is_number(b) for b in betas)):
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}{where}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}{where}")
+    if not _is_number(weight_decay):
+        raise TypeError(f"weight_decay must be a float, got {type(weight_decay).__name__}{where}")
     if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
+
+
+def check_clamp_value(clamp_value: Any, where: str = "") -> None:
+    if not _is_number(clamp_value) or math.isnan(clamp_value) or not clamp_value > 0:
+        raise ValueError(f"Invalid clamp_value value: {clamp_value} (expected a positive "
+                         f"float, math.inf for no clamp){where}")
+
+
+def lr_for(lr: Any, device: torch.device) -> Any:
+    """A float lr as is; a tensor lr as the float32 tensor on ``device`` the ops read
+    on device (no copy when it already is one)."""
+    if isinstance(lr, Tensor):
+        return lr.to(device=device, dtype=torch.float32)
+    return lr
+
+
+@dataclass
+class Bucket:
+    """Parallel lists of one (device, dtype): params, grads, steps and each state key."""
+
+    params: List[Tensor] = field(default_factory=list)
+    grads: List[Tensor] = field(default_factory=list)
+    steps: List[Tensor] = field(default_factory=list)
+    state: Dict[str, List[Tensor]] = field(default_factory=dict)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Base of AdamW and LAMB: lazy fp32 state, per-(device, dtype) fused calls.
+    """Base of :class:`~pyoptk.optim.AdamW` and :class:`~pyoptk.optim.LAMB`.
 
-    Subclasses define ``_state_keys`` (the fp32 buffers per param), ``_name`` and
-    ``_fused_step(group, tensors)``, where ``tensors`` maps ``"params"``, ``"grads"``,
-    ``"steps"`` and each state key to lists of one device and dtype.
+    Subclasses set ``_name``, ``_state_keys`` (float32 buffers shaped like the param),
+    ``_backfill`` (options with their defaults, for checkpoints written before an option
+    existed) and implement ``_check_group`` and ``_fused_step``.
     """
 
-    _state_keys: Tuple[str, ...] = ()
     _name = "FusedOptimizer"
+    _state_keys: Tuple[str, ...] = ()
+    _backfill: Dict[str, Any] = {}
 
-    def _extra_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ()
+    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
+        raise NotImplementedError
 
-    def _init_group(self, group: Dict[str, Any]) -> Dict[Tuple[torch.device, torch.dtype],
-                                                          Dict[str, List[Tensor]]]:
-        """Params with a grad, their grads and state, bucketed by (device, dtype)."""
-        buckets: Dict[Tuple[torch.device, torch.dtype], Dict[str, List[Tensor]]] = {}
-        keys = self._state_keys + self._extra_state_keys(group)
-        for p in group["params"]:
-            if p.grad is None:
+    def _group_state_keys(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
+        return self._state_keys
+
+    def _fused_step(self, group: Dict[str, Any], bucket: Bucket) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group; its hyperparameters (or the defaults it falls back on)
+        are checked like the constructor's arguments."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        where = f" (param group {len(self.param_groups)})"
+        if "params" not in param_group:
+            raise ValueError(f"{self._name}: a param group needs a 'params' entry with the "
+                             f"tensors to optimize, got keys {sorted(param_group)}{where}")
+        self._check_group({**self.defaults, **param_group}, where)
+        super().add_param_group(param_group)
+
+    def _init_group(self, group: Dict[str, Any], index: int) -> Dict[Tuple[torch.device,
+                                                                         torch.dtype], Bucket]:
+        """The group's params that have a grad, with grads and lazily created state,
+        bucketed by (device, dtype)."""
+        keys = self._group_state_keys(group)
+        buckets: Dict[Tuple[torch.device, torch.dtype], Bucket] = {}
+        for i, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{self._name} does not support sparse gradients")
+            where = f"param_groups[{index}]['params'][{i}]"
+            if grad.layout != torch.strided:
+                raise RuntimeError(f"{self._name} does not support sparse gradients "
+                                   f"({where} has a {grad.layout} gradient)")
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"{self._name}: {where} has dtype {p.dtype}; pyoptk's fused "
+                                "kernels take float32, bfloat16 or float16 parameters")
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"{self._name}: {where} (shape {tuple(p.shape)}, strides {p.stride()}) "
+                    "is not contiguous; pyoptk's fused kernels need contiguous parameters: "
+                    "make it contiguous before creating the optimizer "
+                    "(`p.data = p.data.contiguous()`)")
             state = self.state[p]
-            if len(state) == 0:
+            if "step" not in state:
                 state["step"] = torch.zeros((), dtype=STATE_DTYPE, device=p.device)
             for k in keys:
-                if k not in state:  # lazily (also amsgrad switched on later)
+                if k not in state:  # also when e.g. amsgrad is switched on mid-run
                     state[k] = torch.zeros_like(p, dtype=STATE_DTYPE,
-                                                memory_format=torch.preserve_format)
-            b = buckets.setdefault((p.device, p.dtype), {"params": [], "grads": [], "steps": [],
-                                                         **{k: [] for k in keys}})
-            b["params"].append(p)
-            b["grads"].append(p.grad)
-            b["steps"].append(state["step"])
+                                                memory_format=torch.contiguous_format)
+            bucket = buckets.get((p.device, p.dtype))
+            if bucket is None:
+                bucket = buckets[(p.device, p.dtype)] = Bucket(state={k: [] for k in keys})
+            bucket.params.append(p)
+            # A hand-assigned grad may be a non-contiguous view; the kernels read a copy.
+            bucket.grads.append(grad.contiguous())
+            bucket.steps.append(state["step"])
             for k in keys:
-                b[k].append(state[k])
+                bucket.state[k].append(state[k])
         return buckets
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step. ``closure`` (optional) re-evaluates and returns the loss."""
+        """One optimization step over every param group.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         with nvtx_range(f"{self._name}.step"):
-            for group in self.param_groups:
-                for tensors in self._init_group(group).values():
-                    if group.get("centralize", False):
-                        # Centralize copies so p.grad stays what backward produced.
-                        tensors["grads"] = [g.clone() for g in tensors["grads"]]
-                        centralize_gradients_(tensors["grads"])
-                    self._fused_step(group, tensors)
+            for index, group in enumerate(self.param_groups):
+                for bucket in self._init_group(group, index).values():
+                    if group["centralize"]:
+                        bucket.grads = _centralized(bucket.grads)
+                    self._fused_step(group, bucket)
         return loss
 
-    def _fused_step(self, group: Dict[str, Any], tensors: Dict[str, List[Tensor]]) -> None:
-        raise NotImplementedError
-
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a state dict (ours or torch's): steps become float32 scalars on the
-        param's device and moment buffers float32, whatever they were saved as."""
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():
-            if "step" in state:
-                step = state["step"]
-                step = step if isinstance(step, Tensor) else torch.tensor(float(step))
-                state["step"] = step.to(device=p.device, dtype=STATE_DTYPE).reshape(())
-            for k in self._state_keys + ("max_exp_avg_sq",):
-                if k in state and isinstance(state[k], Tensor):
-                    state[k] = state[k].to(device=p.device, dtype=STATE_DTYPE).contiguous()
+        """Load a state dict from this class or from its torch.optim counterpart.
+
+        torch casts loaded state to the param's dtype and keeps ``step`` on the host; here
+        the moments stay float32 (bf16/fp16 params keep full-precision state) and
+        ``step`` becomes a float32 scalar on the param's device. Tensors are copied, so
+        the optimizer never shares memory with ``state_dict``.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        pairs = list(zip(saved_ids, params))
+        if len(saved_ids) == len(params):
+            for saved_id, p in pairs:
+                for k, v in saved_state.get(saved_id, {}).items():
+                    if k != "step" and isinstance(v, Tensor) and v.shape != p.shape:
+                        raise ValueError(
+                            f"{self._name}.load_state_dict: state {k!r} of saved param "
+                            f"{saved_id} has shape {tuple(v.shape)} but the param it loads "
+                            f"into has shape {tuple(p.shape)}")
+        super().load_state_dict(state_dict)  # checks group sizes, loads param groups
+        for saved_id, p in pairs:
+            saved = saved_state.get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for k, v in saved.items():
+                if k == "step":
+                    state[k] = torch.as_tensor(v, dtype=STATE_DTYPE).to(
+                        p.device, copy=True).reshape(())
+                elif isinstance(v, Tensor) and v.is_floating_point():
+                    state[k] = v.to(device=p.device, dtype=STATE_DTYPE,
+                                    memory_format=torch.contiguous_format, copy=True)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            for k, v in self.defaults.items():
+        for k, v in self._backfill.items():
+            self.defaults.setdefault(k, v)
+            for group in self.param_groups:
                 group.setdefault(k, v)
+
+
+def _centralized(grads: List[Tensor]) -> List[Tensor]:
+    """Centralized copies of the 2+ dim grads (one fused call), others as they are."""
+    out = [g.clone() if g.dim() > 1 else g for g in grads]
+    centralize_gradients_([g for g in out if g.dim() > 1])
+    return out
+

@@ -1,54 +1,75 @@
-"""``pyoptk.optim.AdamW``: ``torch.optim.AdamW`` with every step one fused call."""
+"""``pyoptk.optim.AdamW``: ``torch.optim.AdamW`` with every step one fused call per
+(device, dtype)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
 from pyoptk.ops import adamw_
-from pyoptk.optim._fused import FusedOptimizer, check_common_args
+from pyoptk.optim._fused import Bucket, FusedOptimizer, check_adam_args, lr_for
 
 __all__ = ["AdamW"]
 
 
 class AdamW(FusedOptimizer):
-    r"""AdamW (Loshchilov & Hutter, https://arxiv.org/abs/1711.05101), exactly
-    ``torch.optim.AdamW``'s update, fused over each param group:
+    r"""AdamW (Loshchilov & Hutter, https://arxiv.org/abs/1711.05101): exactly
+    ``torch.optim.AdamW``'s update, fused over each param group.
 
     .. math::
+        g_t &= -\nabla f(\theta_{t-1}) \text{ if maximize else } \nabla f(\theta_{t-1})
+            \quad (\text{centralized first if centralize}) \\
         \theta_t &= \theta_{t-1}(1 - \gamma\lambda) \\
-        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-        \theta_t &= \theta_t - \frac{\gamma}{1-\beta_1^t}
-            \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon},\quad
-            \hat v_t = \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t,\qquad
+            v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+        \theta_t &= \theta_t - \frac{\gamma}{1-\beta_1^t}\,
+            \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
     Args:
-        params (iterable): parameters or param-group dicts.
-        lr (float or Tensor, default 1e-3): learning rate; a one-element tensor on the
-            params' device is read on device (no host sync).
-        betas (Tuple[float, float], default (0.9, 0.999)): moment decays.
-        eps (float, default 1e-8): denominator term.
-        weight_decay (float, default 1e-2): decoupled weight decay.
-        amsgrad (bool, default False): use the running maximum of the second moment.
-        maximize (bool, default False): ascend instead of descend.
-        centralize (bool, default False): gradient centralization
-            (https://arxiv.org/abs/2004.01461) of 2+ dim gradients before the update;
-            applied to a copy, ``p.grad`` is left as it is.
-        foreach, fused, capturable: accepted for compatibility with torch's signature
-            and ignored (pyoptk is always fused and capturable).
-        differentiable (bool): must be False (use :mod:`pyoptk.learned` for
-            differentiable steps).
+        params (iterable): parameters, or dicts defining param groups.
+        lr (float or Tensor, default 1e-3): learning rate :math:`\gamma`. A one-element
+            float32 tensor on the params' device is read on device: LR schedules then
+            need no host sync and steps can be captured in CUDA graphs.
+        betas (Tuple[float, float], default (0.9, 0.999)): moment decays
+            :math:`\beta_1, \beta_2`.
+        eps (float, default 1e-8): denominator term :math:`\epsilon`.
+        weight_decay (float, default 1e-2): decoupled weight decay :math:`\lambda`.
+        amsgrad (bool, default False): use the running maximum of :math:`v`
+            (https://openreview.net/forum?id=ryQu7f-RZ).
+        maximize (bool, default False): ascend the objective instead of descending.
+        centralize (bool, default False): gradient centralization (Yong et al.,
+            https://arxiv.org/abs/2004.01461): each gradient of 2+ dims has its mean over
+            all dims but the first subtracted before the update. It is applied to a
+            copy: ``p.grad`` keeps what backward produced, at the cost of one transient
+            copy of the 2+ dim gradients of a (device, dtype) bucket.
+        foreach, fused, capturable (default None, None, False): accepted for
+            compatibility with ``torch.optim.AdamW`` and ignored: every step is fused,
+            and capturable whenever ``lr`` is a float or a device tensor.
+        differentiable (bool, default False): must be False; for differentiable steps
+            use ``torch.optim.AdamW(differentiable=True)``.
 
-    Parameters may be float32, bfloat16 or float16; the state (``exp_avg``,
-    ``exp_avg_sq``, ``max_exp_avg_sq``) is float32 and ``step`` is a float32 scalar on
-    the param's device. ``state_dict`` uses torch's keys, so it loads into
-    ``torch.optim.AdamW`` and torch's loads here. Params with no gradient are skipped.
-    A NaN/Inf gradient propagates into its parameter, as in torch.
+    Behaviour, as in torch unless said otherwise:
+
+    - Params whose ``grad`` is None are skipped (no update, no state created); sparse
+      gradients raise RuntimeError.
+    - Params may be float32, bfloat16 or float16; mixed dtypes and devices in one group
+      are split into (device, dtype) buckets, one fused call each. Params must be
+      contiguous (ValueError naming the param otherwise).
+    - State per param: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad)
+      in float32 whatever the param dtype, and ``step``, a float32 scalar on the param's
+      device (torch keeps it on the host unless capturable/fused).
+    - ``state_dict()`` has torch's layout and keys: it loads into ``torch.optim.AdamW``,
+      and torch's loads here (``step`` moves to the param's device, moments stay
+      float32).
+    - A NaN/Inf in a gradient propagates into the affected elements of its param and
+      state; other elements and params are unaffected.
     """
 
-    _state_keys = ("exp_avg", "exp_avg_sq")
     _name = "AdamW"
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _backfill = {"amsgrad": False, "maximize": False, "centralize": False}
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -56,24 +77,24 @@ class AdamW(FusedOptimizer):
                  centralize: bool = False, foreach: Optional[bool] = None,
                  capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None) -> None:
-        check_common_args(lr, betas, eps, weight_decay)
         if differentiable:
-            raise ValueError("pyoptk.optim.AdamW does not support differentiable=True; "
-                             "use torch.optim.AdamW(differentiable=True) for that")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize, centralize=centralize,
-                        foreach=foreach, capturable=capturable, differentiable=False,
-                        fused=fused)
+            raise ValueError("pyoptk.optim.AdamW does not support differentiable=True; use "
+                             "torch.optim.AdamW(differentiable=True) for differentiable steps")
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, centralize=centralize)
+        check_adam_args(defaults)
         super().__init__(params, defaults)
 
-    def _extra_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("max_exp_avg_sq",) if group["amsgrad"] else ()
+    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
+        check_adam_args(group, where)
 
-    def _fused_step(self, group: Dict[str, Any], tensors: Dict[str, List[Tensor]]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.device != tensors["params"][0].device:
-            lr = lr.to(tensors["params"][0].device)
-        adamw_(tensors["params"], tensors["grads"], tensors["exp_avg"], tensors["exp_avg_sq"],
-               tensors["steps"], max_exp_avg_sqs=tensors.get("max_exp_avg_sq"), lr=lr,
-               betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+    def _group_state_keys(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
+        return self._state_keys + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _fused_step(self, group: Dict[str, Any], bucket: Bucket) -> None:
+        adamw_(bucket.params, bucket.grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
+               bucket.steps, max_exp_avg_sqs=bucket.state.get("max_exp_avg_sq"),
+               lr=lr_for(group["lr"], bucket.params[0].device), betas=group["betas"],
+               eps=group["eps"], weight_decay=group["weight_decay"],
                amsgrad=group["amsgrad"], maximize=group["maximize"])

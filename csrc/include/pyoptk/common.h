@@ -74,9 +74,16 @@ PYOPTK_HD float bits_as_float(uint32_t u) {
 #endif
 }
 
-// ---- bfloat16 <-> float ------------------------------------------------------------
-// Host versions written branch-light so the CPU loops auto-vectorize: the NaN test
-// becomes a compare + blend.
+// ---- bfloat16 <-> float, float16 <-> float (host) ------------------------------------
+// Written without branches: every case is computed and the result picked with integer
+// masks. Conditional selects would let the compiler sink the fp32 operations into
+// branches, which it may not speculate back (trapping math), and the CPU loops would
+// not vectorize. Device code uses the CUDA intrinsics instead (see load_f32 below).
+// Verified exhaustively against independent references for all 2^32 float inputs.
+
+// Selects a where mask is all ones, b where it is zero.
+PYOPTK_HD int32_t select_mask(int32_t mask, int32_t a, int32_t b) { return (a & mask) | (b & ~mask); }
+PYOPTK_HD int32_t mask_if(bool c) { return -static_cast<int32_t>(c); }
 
 PYOPTK_HD float bf16_bits_to_float(uint16_t h) {
   return bits_as_float(static_cast<uint32_t>(h) << 16);
@@ -87,27 +94,24 @@ PYOPTK_HD float bf16_bits_to_float(uint16_t h) {
 // subnormals round like any other value (bf16 has float's exponent range).
 PYOPTK_HD uint16_t float_to_bf16_bits(float f) {
   const uint32_t u = float_as_bits(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t nan = (u >> 16) | 0x0040u;
-  const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return static_cast<uint16_t>(is_nan ? nan : rounded);
+  const int32_t rounded = static_cast<int32_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const int32_t nan = static_cast<int32_t>((u >> 16) | 0x0040u);
+  const bool is_nan = static_cast<int32_t>(u & 0x7FFFFFFFu) > 0x7F800000;
+  return static_cast<uint16_t>(select_mask(mask_if(is_nan), nan, rounded));
 }
 
-// ---- float16 <-> float -------------------------------------------------------------
-
 PYOPTK_HD float f16_bits_to_float(uint16_t h) {
+  const int32_t em = h & 0x7FFF;  // exponent and mantissa
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu;
-  const uint32_t man = h & 0x3FFu;
-  // Normal numbers: rebias the exponent (15 -> 127).
-  const uint32_t normal = sign | ((exp + 112u) << 23) | (man << 13);
-  // Inf / NaN: all-ones exponent, payload kept.
-  const uint32_t special = sign | 0x7F800000u | (man << 13);
-  // Zero and subnormals: man * 2^-24 is exact in float (man < 2^10).
-  const float sub = static_cast<float>(static_cast<int32_t>(man)) * 5.9604644775390625e-8f;
-  const uint32_t subnormal = sign | float_as_bits(sub);
-  const uint32_t r = exp == 0 ? subnormal : (exp == 31 ? special : normal);
-  return bits_as_float(r);
+  // Normal: shift into place and rebias the exponent (15 -> 127); Inf/NaN (exponent 31)
+  // get the exponent 255 by a second rebias; the payload is kept.
+  int32_t bits = (em << 13) + 0x38000000;
+  bits += select_mask(mask_if(em >= 0x7C00), 0x38000000, 0);
+  // Zero and subnormals: em * 2^-24 is exact in float (em < 2^10).
+  const int32_t sub = static_cast<int32_t>(
+      float_as_bits(static_cast<float>(em) * 5.9604644775390625e-8f));
+  bits = select_mask(mask_if(em < 0x0400), sub, bits);
+  return bits_as_float(static_cast<uint32_t>(bits) | sign);
 }
 
 // Round to nearest even, IEEE semantics: NaN -> quiet NaN (sign and top payload bits
@@ -116,22 +120,21 @@ PYOPTK_HD float f16_bits_to_float(uint16_t h) {
 PYOPTK_HD uint16_t float_to_f16_bits(float f) {
   const uint32_t u = float_as_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t a = u & 0x7FFFFFFFu;
-  // Normal range [2^-14, 65520): rebias (127 -> 15) and round the 13 dropped bits.
-  // The carry of a mantissa round-up moves into the exponent, which is correct.
-  const uint32_t nb = a - 0x38000000u;  // (112 << 23); only used when a >= 2^-14
-  const uint32_t normal = (nb + 0x0FFFu + ((nb >> 13) & 1u)) >> 13;
-  // Subnormal range (< 2^-14): the float addition aligns the value to the half
-  // subnormal grid (2^-24 steps) with the FPU's own round-to-nearest-even; adding
-  // 0.5 (2^-1) puts the 2^-24 unit at the last mantissa bit of the float sum.
-  const float sub_f = bits_as_float(a) + 0.5f;
-  const uint32_t subnormal = float_as_bits(sub_f) - 0x3F000000u;  // bits of 0.5
-  const uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
-  const uint32_t r = a > 0x7F800000u   ? nan
-                     : a >= 0x477FF000u ? 0x7C00u  // >= 65520 (incl. Inf) -> Inf
-                     : a >= 0x38800000u ? normal
-                                        : subnormal;
-  return static_cast<uint16_t>(sign | r);
+  const int32_t a = static_cast<int32_t>(u & 0x7FFFFFFFu);
+  // Normal range [2^-14, 65520): rebias (127 -> 15) and round the 13 dropped bits; the
+  // carry of a mantissa round-up moves into the exponent, which is correct.
+  const int32_t nb = a - 0x38000000;  // (112 << 23)
+  const int32_t normal = (nb + 0x0FFF + ((nb >> 13) & 1)) >> 13;
+  // Subnormal range (< 2^-14): adding 0.5 (ulp 2^-24, the half subnormal step) rounds
+  // the value to the subnormal grid with the FPU's own round-to-nearest-even.
+  const int32_t subnormal =
+      static_cast<int32_t>(float_as_bits(bits_as_float(static_cast<uint32_t>(a)) + 0.5f)) -
+      0x3F000000;  // bits of 0.5
+  const int32_t nan = 0x7E00 | ((a >> 13) & 0x3FF);
+  int32_t r = select_mask(mask_if(a >= 0x38800000), normal, subnormal);
+  r = select_mask(mask_if(a >= 0x477FF000), 0x7C00, r);  // >= 65520 (and Inf) -> Inf
+  r = select_mask(mask_if(a > 0x7F800000), nan, r);
+  return static_cast<uint16_t>(static_cast<uint32_t>(r) | sign);
 }
 
 // ---- typed load/store --------------------------------------------------------------
