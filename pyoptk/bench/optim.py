@@ -11,7 +11,6 @@ fused), pytorch-optimizer's Lamb and Lookahead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 from typing import Callable, Dict, List, Optional
 
@@ -88,44 +87,57 @@ def copy_bandwidth(device: torch.device, n_bytes: int = 2 << 30) -> float:
     return 2 * n_bytes / (t.median * 1e-3) / 1e9
 
 
+def _with_backend(step: Callable[[], None], backend: Optional[str]) -> Callable[[], None]:
+    if backend is None:
+        return step
+
+    def stepped() -> None:
+        with pyoptk.use_backend(backend):
+            step()
+    return stepped
+
+
 def run(layouts: List[str], device: torch.device, reps: int, backends: Optional[List[str]],
         out_dir: Optional[str]) -> List[dict]:
+    """Per layout, build every candidate (own params, grads and state) and time their
+    steps interleaved (:func:`harness.time_interleaved`); ratios compare medians of
+    this one run."""
     rows: List[dict] = []
     for layout in layouts:
         shapes = LAYOUTS[layout]()
         n = numel(shapes)
-        medians: Dict[str, float] = {}
+        steps: Dict[str, Callable[[], None]] = {}
+        families: Dict[str, tuple] = {}
         for name, make in candidates(device).items():
             for backend in (backends if name.startswith("pyoptk") and backends else [None]):
-                params = _make_params(shapes, device)
                 try:
-                    opt = make(params)
+                    opt = make(_make_params(shapes, device))
                 except (RuntimeError, ValueError, TypeError) as exc:  # e.g. fused unsupported
                     print(f"  skip {name}: {exc}")
                     continue
                 label = name if backend is None else f"{name} [{backend}]"
-                ctx = pyoptk.use_backend(backend) if backend else contextlib.nullcontext()
-                with ctx:
-                    t = harness.time_fn(opt.step, device, reps=reps)
-                medians[label] = t.median
-                gbps = BYTES_PER_PARAM[_family(name)] * n / (t.median * 1e-3) / 1e9
-                rows.append({
-                    "layout": layout, "optimizer": name, "params": n, "tensors": len(shapes),
-                    "backend": backend or ("auto" if name.startswith("pyoptk") else "-"),
-                    "median_ms": f"{t.median:.3f}", "p20_ms": f"{t.p20:.3f}",
-                    "p80_ms": f"{t.p80:.3f}", "GBps": f"{gbps:.1f}", "label": label,
-                })
-                del opt, params
-                gc.collect()
-        for r in rows:
-            if r["layout"] != layout:
-                continue
-            base = BASELINE_OF.get(r["optimizer"])
+                steps[label] = _with_backend(opt.step, backend)
+                families[label] = (name, backend)
+        timings = harness.time_interleaved(steps, device, reps=reps)
+        del steps
+        gc.collect()
+        medians = {label: t.median for label, t in timings.items()}
+        for label, t in timings.items():
+            name, backend = families[label]
+            gbps = BYTES_PER_PARAM[_family(name)] * n / (t.median * 1e-3) / 1e9
+            row = {
+                "layout": layout, "optimizer": name, "params": n, "tensors": len(shapes),
+                "backend": backend or ("auto" if name.startswith("pyoptk") else "-"),
+                "median_ms": f"{t.median:.3f}", "p20_ms": f"{t.p20:.3f}",
+                "p80_ms": f"{t.p80:.3f}", "GBps": f"{gbps:.1f}", "label": label,
+            }
+            base = BASELINE_OF.get(name)
             if base in medians:
-                r["baseline"] = base
-                r["speedup"] = f"{medians[base] / float(r['median_ms']):.2f}x"
-            if r["optimizer"] == "pyoptk AdamW" and "torch AdamW foreach" in medians:
-                r["vs_foreach"] = f"{medians['torch AdamW foreach'] / float(r['median_ms']):.2f}x"
+                row["baseline"] = base
+                row["speedup"] = f"{medians[base] / t.median:.2f}x"
+            if name == "pyoptk AdamW" and "torch AdamW foreach" in medians:
+                row["vs_foreach"] = f"{medians['torch AdamW foreach'] / t.median:.2f}x"
+            rows.append(row)
     return rows
 
 

@@ -24,10 +24,10 @@ second_moment_scale        per-tensor ``rsqrt(mean(x²) + eps)``
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,11 +60,16 @@ def _decays(field: str, value: Any) -> Tuple[float, ...]:
         d = float(d)
         if not 0.0 <= d < 1.0:
             raise _err(field, f"decay at index {i} must be in [0, 1), got {d}")
-        if np.float32(d) >= np.float32(1.0):
+        if _as_float32(d) >= 1.0:
             raise _err(field, f"decay at index {i} ({d}) rounds to 1.0 in float32 and the "
                               "accumulator would never update")
         out.append(d)
     return tuple(out)
+
+
+def _as_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (the precision the kernels store decays in)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _positive(field: str, value: Any) -> float:
