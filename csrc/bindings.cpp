@@ -180,6 +180,7 @@ py::dict build_info() {
   const std::string version = PYOPTK_VERSION;
   d["version"] = version.empty() ? std::string("unknown") : version;
   d["chunk_size"] = pyoptk::kChunkSize;
+  d["cpu_isa"] = std::string(pyoptk::cpu_loop_isa());
   return d;
 }
 
@@ -192,7 +193,7 @@ PYBIND11_MODULE(_C, m) {
       "See docs/kernel-contract.md.";
 
   m.def("build_info", &build_info,
-        "dict: cuda, cuda_archs, openmp, omp_max_threads, version, chunk_size");
+        "dict: cuda, cuda_archs, openmp, omp_max_threads, version, chunk_size, cpu_isa");
   m.def(
       "cuda_device_count",
       []() -> int {

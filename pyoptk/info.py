@@ -27,6 +27,7 @@ def report() -> str:
         b = mod.build_info()
         lines.append(f"native library: {b['version']}, OpenMP "
                      f"{'on' if b['openmp'] else 'off'} ({b['omp_max_threads']} threads), "
+                     f"CPU loops {b['cpu_isa']} (PYOPTK_CPU_ISA caps it), "
                      f"CUDA {'on, archs ' + b['cuda_archs'] if b['cuda'] else 'off'}")
     lines.append(f"CUDA devices visible to torch: {torch.cuda.device_count()}")
     lines.append(f"backend setting: {pyoptk.get_backend()} (PYOPTK_BACKEND="

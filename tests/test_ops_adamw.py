@@ -263,3 +263,18 @@ def test_gpu_cuda_graph_capture(backend):
     torch.cuda.synchronize()
     for a, e in zip(st["params"], ref["params"]):
         assert_close(a, e, 1e-6, 1e-5, what="graph replay")
+
+
+def test_eager_call_bumps_versions_so_autograd_sees_the_update():
+    """Eager calls skip torch's dispatcher (pyoptk/ops/_eager.py) but must still bump
+    the version counters of what they mutate, as the dispatcher does: backward through a
+    graph that saved the param before the step then raises instead of using new values."""
+    p = torch.randn(7, requires_grad=True)
+    loss = (p * p).sum()                       # saves p for backward
+    m, v, step = torch.zeros(7), torch.zeros(7), torch.zeros(())
+    before = (p._version, m._version, step._version)
+    with torch.no_grad():
+        pyoptk.ops.adamw_([p], [torch.ones(7)], [m], [v], [step], lr=0.1)
+    assert p._version > before[0] and m._version > before[1] and step._version > before[2]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

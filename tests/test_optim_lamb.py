@@ -10,8 +10,8 @@ import torch
 import pyoptk
 from helpers import assert_close, small_for
 from test_optim_adamw import (
-    BACKENDS, SHAPES, SMALL_SHAPES, clone_params, fixed_grads, make_model, make_params,
-    run_fixed, save_load, train)
+    BACKENDS, SHAPES, SMALL_SHAPES, assert_resume_bit_exact, clone_params, fixed_grads,
+    make_params, run_fixed)
 
 
 class OracleLamb:
@@ -195,22 +195,9 @@ def test_params_without_grad_untouched():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bit_exact_resume_from_checkpoint(backend):
-    total = 20 if backend == "triton" else 100
-    kw = dict(lr=1e-2, weight_decay=0.01)
     with pyoptk.use_backend(backend):
-        full = make_model()
-        train(full, pyoptk.optim.LAMB(full.parameters(), **kw), total)
-        part = make_model()
-        opt = pyoptk.optim.LAMB(part.parameters(), **kw)
-        train(part, opt, total // 2)
-        ckpt = save_load({"model": part.state_dict(), "opt": opt.state_dict()})
-        resumed = make_model(seed=7)
-        resumed.load_state_dict(ckpt["model"])
-        opt2 = pyoptk.optim.LAMB(resumed.parameters(), **kw)
-        opt2.load_state_dict(ckpt["opt"])
-        train(resumed, opt2, total - total // 2, start=total // 2)
-    for (name, p), q in zip(resumed.named_parameters(), full.parameters()):
-        assert torch.equal(p, q), f"{name}: resume is not bit-exact"
+        assert_resume_bit_exact(lambda ps: pyoptk.optim.LAMB(ps, lr=1e-2, weight_decay=0.01),
+                                total=20 if backend == "triton" else 100)
 
 
 def test_setstate_backfills_options():

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #ifdef PYOPTK_WITH_OPENMP
@@ -64,10 +65,12 @@ inline void parallel_for(int64_t n, F&& f) {
 
 // ---- instruction-set dispatch --------------------------------------------------------
 // The wheel targets baseline x86-64 (SSE2), where the 32 -> 16 bit packing of the
-// bf16/fp16 stores is slow. Every inner loop (a kernel struct K with a static,
-// always-inlined run()) is therefore compiled twice, for baseline and for AVX2, and the
-// AVX2 copy runs where the CPU has it. Only AVX2 is enabled, not FMA: both copies do
-// the same IEEE operations in the same order, so results are bit-identical.
+// bf16/fp16 stores is slow and vectors are 4 floats wide. Every inner loop (a kernel
+// struct K with a static, always-inlined run()) is therefore compiled three times, for
+// baseline, AVX2 and AVX-512 (512-bit vectors), and the best copy the CPU has runs.
+// FMA contraction is off for all of csrc/cpu (-ffp-contract=off in CMakeLists.txt; AVX-512
+// would otherwise fuse a*b+c): every copy does the same IEEE operations in the same
+// order, so results are bit-identical whatever the instruction set.
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define PYOPTK_X86_DISPATCH 1
 #endif
@@ -79,22 +82,49 @@ inline void parallel_for(int64_t n, F&& f) {
 #endif
 
 #ifdef PYOPTK_X86_DISPATCH
-// PYOPTK_CPU_BASELINE=1 in the environment forces the baseline copy (tests compare the
-// two copies bit for bit).
-inline bool cpu_has_avx2() {
-  static const bool has = [] {
-    const char* force = std::getenv("PYOPTK_CPU_BASELINE");
-    if (force != nullptr && force[0] != '\0' && force[0] != '0') return false;
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The instruction set the loops use: the best the CPU has, capped by the environment
+// variable PYOPTK_CPU_ISA=baseline|avx2|avx512 (read once; tests run each copy and
+// compare them bit for bit).
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
+    Isa best = Isa::kBaseline;
+    if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      best = Isa::kAvx512;
+    }
+    const char* cap = std::getenv("PYOPTK_CPU_ISA");
+    Isa limit = Isa::kAvx512;
+    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) limit = Isa::kBaseline;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) limit = Isa::kAvx2;
+    return static_cast<int>(best) < static_cast<int>(limit) ? best : limit;
   }();
-  return has;
+  return isa;
+}
+
+inline const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
 }
 
 template <typename K, typename... A>
 __attribute__((target("avx2"))) auto run_avx2(A... a) -> decltype(K::run(a...)) {
   return K::run(a...);
 }
+
+template <typename K, typename... A>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
+auto run_avx512(A... a) -> decltype(K::run(a...)) {
+  return K::run(a...);
+}
+#else
+inline const char* cpu_isa_name() { return "baseline"; }
 #endif
 
 template <typename K, typename... A>
@@ -106,7 +136,11 @@ auto run_baseline(A... a) -> decltype(K::run(a...)) {
 template <typename K, typename... A>
 inline auto run_loop(A... a) -> decltype(K::run(a...)) {
 #ifdef PYOPTK_X86_DISPATCH
-  if (cpu_has_avx2()) return run_avx2<K>(a...);
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return run_avx512<K>(a...);
+    case Isa::kAvx2: return run_avx2<K>(a...);
+    default: break;
+  }
 #endif
   return run_baseline<K>(a...);
 }

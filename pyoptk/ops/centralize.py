@@ -17,6 +17,7 @@ from pyoptk._backend import implementation, register_backend
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
+from pyoptk.ops._eager import call_op
 from pyoptk.ops._validation import check_tensor_lists
 
 OP = "centralize_gradients_"
@@ -81,4 +82,5 @@ def centralize_gradients_(grads: Sequence[Tensor]) -> None:
     grads = list(grads)
     check_tensor_lists("centralize_gradients_", {"grads": grads}, param_key="grads")
     if grads:
-        torch.ops.pyoptk.centralize_gradients_(grads)
+        call_op(torch.ops.pyoptk.centralize_gradients_, _centralize_dispatch, (grads,), (grads,),
+                grads)

@@ -23,6 +23,7 @@ from pyoptk._backend import implementation, register_backend
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
+from pyoptk.ops._eager import call_op
 from pyoptk.ops._validation import check_tensor_lists
 
 NORM_OP = "grad_norm"
@@ -182,6 +183,11 @@ def _by_dtype(grads: List[Tensor]) -> List[List[Tensor]]:
     return list(groups.values())
 
 
+def _norm(grads: List[Tensor], norm_type: float) -> Tensor:
+    return call_op(torch.ops.pyoptk.grad_norm, _grad_norm_dispatch, (grads,), (), grads,
+                   norm_type)
+
+
 def _combine(norms: List[Tensor], norm_type: float) -> Tensor:
     return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
@@ -196,8 +202,7 @@ def grad_norm(parameters: Union[Tensor, Iterable[Tensor]], norm_type: float = 2.
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     check_tensor_lists(op, {"grads": grads}, param_key="grads")
-    return _combine([torch.ops.pyoptk.grad_norm(g, norm_type) for g in _by_dtype(grads)],
-                    norm_type)
+    return _combine([_norm(g, norm_type) for g in _by_dtype(grads)], norm_type)
 
 
 @annotate("clip_grad_norm_")
@@ -222,8 +227,9 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     check_tensor_lists(op, {"grads": grads}, param_key="grads")
     groups = _by_dtype(grads)
     if len(groups) == 1 and not error_if_nonfinite:
-        return torch.ops.pyoptk.clip_grad_norm_(grads, float(max_norm), norm_type)
-    total = _combine([torch.ops.pyoptk.grad_norm(g, norm_type) for g in groups], norm_type)
+        return call_op(torch.ops.pyoptk.clip_grad_norm_, _clip_dispatch, (grads,), (grads,),
+                       grads, float(max_norm), norm_type)
+    total = _combine([_norm(g, norm_type) for g in groups], norm_type)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is "

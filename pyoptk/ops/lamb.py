@@ -32,6 +32,7 @@ from pyoptk._backend import implementation, register_backend
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
+from pyoptk.ops._eager import call_op
 from pyoptk.ops._validation import (
     check_betas, check_lr, check_nonneg, check_steps, check_tensor_lists)
 
@@ -206,9 +207,11 @@ def lamb_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
     device = params[0].device
     check_steps(op, steps, len(params), device)
     lr_f, lr_t = check_lr(op, lr, device)
-    torch.ops.pyoptk.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, lr_f, lr_t,
-                           float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
-                           bool(bias_correction), bool(adam), float(clamp_value),
-                           bool(maximize))
+    call_op(torch.ops.pyoptk.lamb_, _lamb_dispatch,
+            (params, grads, exp_avgs, exp_avg_sqs, steps),
+            (params, exp_avgs, exp_avg_sqs, steps),
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr_f, lr_t, float(betas[0]),
+            float(betas[1]), float(eps), float(weight_decay), bool(bias_correction),
+            bool(adam), float(clamp_value), bool(maximize))
 
 

@@ -76,6 +76,10 @@ void clip_grad_norm_cpu(const PtrList& grads, const SizeList& numels, int dtype,
 void centralize_cpu(const PtrList& grads, const SizeList& rows, const SizeList& cols,
                     int dtype);
 
+// The instruction set the CPU loops run with ("baseline", "avx2" or "avx512"; see
+// csrc/cpu/cpu_util.h and PYOPTK_CPU_ISA).
+const char* cpu_loop_isa();
+
 // ---- CUDA -----------------------------------------------------------------------------
 #ifdef PYOPTK_WITH_CUDA
 int cuda_device_count();
