@@ -26,16 +26,6 @@ DEFAULT_LAYOUTS = {"cpu": ["resnet50", "flat-1m", "flat-10m"],
                    "cuda": list(LAYOUTS)}
 
 
-def _make_params(shapes, device, seed=0) -> List[torch.Tensor]:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    params = []
-    for s in shapes:
-        p = torch.randn(s, generator=gen).to(device).requires_grad_()
-        p.grad = torch.randn(s, generator=gen).to(device) * 1e-2
-        params.append(p)
-    return params
-
-
 def _pytorch_optimizer():
     try:
         import pytorch_optimizer
@@ -97,7 +87,7 @@ def run(layouts: List[str], device: torch.device, reps: int, backends: Optional[
         medians: Dict[str, float] = {}
         for name, make in candidates(device).items():
             for backend in (backends if name.startswith("pyoptk") and backends else [None]):
-                params = _make_params(shapes, device)
+                params = harness.make_params(shapes, device)
                 try:
                     opt = make(params)
                 except (RuntimeError, ValueError, TypeError) as exc:  # e.g. fused unsupported
