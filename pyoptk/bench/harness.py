@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,6 +91,58 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], device: torch.device,
     return out
 
 
+def peak_memory(fn: Callable[[], None], device: torch.device) -> Tuple[int, str]:
+    """``(bytes, how)``: the peak memory ``fn`` allocates above what is allocated when it
+    starts (memory held before the call — params, grads, state — is not counted).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU: torch's CPU
+    allocator has no peak counter, so ``fn`` runs once under ``torch.profiler`` with
+    ``profile_memory=True`` and the recorded allocations and frees are replayed in time
+    order; the peak of the running total is returned (-1 and the reason when this torch's
+    profiler does not expose them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        sizes = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            if e.typed[0] == _EventType.Allocation:
+                sizes.append((e.start_time_ns, e.typed[1].alloc_size))
+            stack.extend(e.children)
+    except Exception as exc:  # private profiler API: absent or changed in this torch
+        return -1, f"not measured on CPU ({type(exc).__name__}: {exc})"
+    total = peak = 0
+    for _, size in sorted(sizes):
+        total += size
+        peak = max(peak, total)
+    return peak, "torch.profiler CPU allocations"
+
+
+def make_params(shapes, device: torch.device, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> List[torch.Tensor]:
+    """Leaf parameters of ``shapes`` with fixed random gradients (``randn * 1e-2``),
+    deterministic from ``seed``: every candidate of a suite starts from the same data."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        p.grad = (torch.randn(s, generator=gen) * 1e-2).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
 def device_name(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3' or 'CPU <model> (<n> threads)'."""
     if device.type == "cuda":
@@ -140,8 +192,20 @@ def print_table(rows: List[dict], columns: List[str], title: Optional[str] = Non
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def append_csv(rows: List[dict], suite: str, device: torch.device, out_dir: str) -> str:
-    """Append rows to ``<out_dir>/<device>.csv`` with device, versions and commit."""
+# Columns every suite writes, in this order; a suite's own columns follow them.
+CSV_FIELDS = ["date", "suite", "device", "torch", "triton", "commit", "layout", "optimizer",
+              "backend", "params", "tensors", "median_ms", "p20_ms", "p80_ms", "GBps",
+              "baseline", "speedup"]
+
+
+def append_csv(rows: List[dict], suite: str, device: torch.device, out_dir: str,
+               extra_fields: Sequence[str] = ()) -> str:
+    """Append rows to ``<out_dir>/<device>.csv`` with device, versions and commit.
+
+    The columns are :data:`CSV_FIELDS` then ``extra_fields``. When the file exists with
+    fewer columns (written by an older pyoptk or another suite), it is rewritten once
+    with the union of the columns — its own first, new ones after — so old rows keep
+    their values and leave the new columns empty."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{device_slug(device)}.csv")
     meta = {
@@ -152,9 +216,20 @@ def append_csv(rows: List[dict], suite: str, device: torch.device, out_dir: str)
         "triton": triton_version(),
         "commit": git_commit(),
     }
-    fields = list(meta) + ["layout", "optimizer", "backend", "params", "tensors",
-                           "median_ms", "p20_ms", "p80_ms", "GBps", "baseline", "speedup"]
-    new = not os.path.exists(path)
+    wanted = CSV_FIELDS + [f for f in extra_fields if f not in CSV_FIELDS]
+    fields = wanted
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            have = list(reader.fieldnames or [])
+            old_rows = list(reader) if set(wanted) - set(have) else None
+        fields = have + [c for c in wanted if c not in have]
+        if old_rows is not None:  # widen the header, keep every old row
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old_rows)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

@@ -67,3 +67,9 @@ def numel(shapes: List[Shape]) -> int:
             n *= d
         total += n
     return total
+
+
+# Not real models: for the suites' smoke tests (a matrix, a conv, a vector, a scalar).
+SMOKE_LAYOUTS: Dict[str, callable] = {
+    "tiny": lambda: [(7, 5), (3, 2, 4), (5,), ()],
+}

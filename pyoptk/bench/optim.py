@@ -25,16 +25,6 @@ DEFAULT_LAYOUTS = {"cpu": ["resnet50", "flat-1m", "flat-10m"],
                    "cuda": list(LAYOUTS)}
 
 
-def _make_params(shapes, device, seed=0) -> List[torch.Tensor]:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    params = []
-    for s in shapes:
-        p = torch.randn(s, generator=gen).to(device).requires_grad_()
-        p.grad = torch.randn(s, generator=gen).to(device) * 1e-2
-        params.append(p)
-    return params
-
-
 def _pytorch_optimizer():
     try:
         import pytorch_optimizer
@@ -111,7 +101,7 @@ def run(layouts: List[str], device: torch.device, reps: int, backends: Optional[
         for name, make in candidates(device).items():
             for backend in (backends if name.startswith("pyoptk") and backends else [None]):
                 try:
-                    opt = make(_make_params(shapes, device))
+                    opt = make(harness.make_params(shapes, device))
                 except (RuntimeError, ValueError, TypeError) as exc:  # e.g. fused unsupported
                     print(f"  skip {name}: {exc}")
                     continue

@@ -32,7 +32,9 @@ def _check_scalar(name: str, value, allow_tensor: bool = False) -> None:
     if allow_tensor and isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
-        return
+        if not value.is_floating_point():
+            raise TypeError(f"a tensor {name} must be floating point, got {value.dtype}")
+        value = float(value.detach().reshape(()).cpu())  # once, at construction
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not value >= 0.0:
@@ -105,8 +107,14 @@ class MLPOptimizer(LearnedOptimizer):
                                         dtype=torch.float32).contiguous()
         return weights, decays
 
-    def _init_group(self, group) -> Dict[Tuple[torch.device, torch.dtype], Dict[str, list]]:
-        buckets: Dict[Tuple[torch.device, torch.dtype], Dict[str, list]] = {}
+    def _init_group(self, group, params: List[Tensor], grads: List[Tensor],
+                    moms: List[Tensor], rmss: List[Tensor], fac_rows: List[Tensor],
+                    fac_cols: List[Tensor], steps: List[Tensor]) -> None:
+        """Append the group's parameters that have a gradient, their gradients and their
+        state (created lazily) to the lists passed in. torch.optim's convention — flat
+        lists of tensors filled in place, nothing returned — which torch.compile relies
+        on: dynamo runs an optimizer's ``_init_group`` eagerly and maps only the tensors
+        it appends to such lists."""
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -115,13 +123,13 @@ class MLPOptimizer(LearnedOptimizer):
             state = self.state[p]
             if len(state) == 0:
                 state.update(rule.init_tensor_state(p, self.config, dtype=torch.float32))
-            b = buckets.setdefault((p.device, p.dtype), {
-                k: [] for k in ("params", "grads", "mom", "rms", "fac_row", "fac_col", "step")})
-            b["params"].append(p)
-            b["grads"].append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-            for k in ("mom", "rms", "fac_row", "fac_col", "step"):
-                b[k].append(state[k])
-        return buckets
+            params.append(p)
+            grads.append(p.grad)
+            moms.append(state["mom"])
+            rmss.append(state["rms"])
+            fac_rows.append(state["fac_row"])
+            fac_cols.append(state["fac_col"])
+            steps.append(state["step"])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -133,15 +141,21 @@ class MLPOptimizer(LearnedOptimizer):
                 loss = closure()
         with nvtx_range("MLPOptimizer.step"):
             for group in self.param_groups:
-                buckets = self._init_group(group)
-                if not buckets:
-                    continue
-                for (device, _dtype), b in buckets.items():
+                lists: Tuple[List[Tensor], ...] = ([], [], [], [], [], [], [])
+                self._init_group(group, *lists)
+                # one op call per (device, dtype) bucket
+                buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+                for i, p in enumerate(lists[0]):
+                    buckets.setdefault((p.device, p.dtype), []).append(i)
+                for (device, _dtype), idx in buckets.items():
+                    params, grads, moms, rmss, fac_rows, fac_cols, steps = (
+                        [lst[i] for i in idx] for lst in lists)
+                    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
                     weights, decays = self._meta_on(device, self._build_device_meta)
                     lr = group["lr"]
                     if isinstance(lr, Tensor):
                         lr = lr.to(device=device, dtype=torch.float32).reshape(1)
                     hp = self.config.op_hyper(lr, group["weight_decay"])
-                    mlp_update_(b["params"], b["grads"], b["mom"], b["rms"], b["fac_row"],
-                                b["fac_col"], b["step"], weights, decays, hp)
+                    mlp_update_(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights,
+                                decays, hp)
         return loss
