@@ -2,6 +2,7 @@
 torch.compile'd model, a torch.compile'd optimizer step, and DDP over 2 gloo
 processes."""
 
+import operator
 import os
 import socket
 
@@ -9,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import pyoptk
 from helpers import assert_close
@@ -90,15 +90,35 @@ def _mlp_model(widths, seed=0):
     return torch.nn.Sequential(*layers)
 
 
-def _compiled_mlp_step_run(widths, steps=5, schedule=False):
-    """(frames compiled, FX ops captured) of ``torch.compile``'d ``MLPOptimizer.step``
-    over ``steps`` steps of a model with layer ``widths``, checking each step against an
-    eager twin (bitwise)."""
+class _OpCounter:
+    """A torch.compile backend (aot_eager underneath) counting compiled frames and the
+    compute ops of their graphs (``getitem`` of a multi-tensor op's result list is
+    indexing, one per tensor, not work)."""
+
+    def __init__(self):
+        self.frame_count = 0
+        self.op_count = 0
+        self._aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def __call__(self, gm, example_inputs):
+        self.frame_count += 1
+        self.op_count += sum(1 for n in gm.graph.nodes if n.op == "call_function"
+                             and n.target is not operator.getitem)
+        return self._aot_eager(gm, example_inputs)
+
+
+def _small_mlp_optimizer(params):
+    return pyoptk.optim.MLPOptimizer(params, config=SMALL_MLP, lr_mult=torch.tensor(50.0))
+
+
+def _compiled_step_run(widths, steps=5, schedule=False, make_opt=_small_mlp_optimizer):
+    """(frames compiled, FX ops captured) of ``torch.compile``'d ``opt.step`` (default
+    MLPOptimizer) over ``steps`` steps of a model with layer ``widths``, checking each
+    step against an eager twin (bitwise)."""
     torch._dynamo.reset()
     eager, comp = _mlp_model(widths), _mlp_model(widths)
-    opts = [pyoptk.optim.MLPOptimizer(m.parameters(), config=SMALL_MLP,
-                                      lr_mult=torch.tensor(50.0)) for m in (eager, comp)]
-    cnt = CompileCounterWithBackend("aot_eager")
+    opts = [make_opt(m.parameters()) for m in (eager, comp)]
+    cnt = _OpCounter()
     if schedule:
         # the scheduler wraps opt.step in a function dynamo skips (torch's code): compile
         # a function that calls it; the step inside is still compiled as its own frame
@@ -122,6 +142,21 @@ def _compiled_mlp_step_run(widths, steps=5, schedule=False):
     return cnt.frame_count, cnt.op_count
 
 
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: pyoptk.optim.AdamW(ps, lr=torch.tensor(1e-2), amsgrad=True),
+    lambda ps: pyoptk.optim.LAMB(ps, lr=torch.tensor(1e-2), weight_decay=0.01,
+                                 centralize=True),
+], ids=["AdamW", "LAMB"])
+def test_compiled_fused_optimizer_step_matches_eager(make_opt):
+    """``torch.compile(opt.step, fullgraph=True)`` of AdamW / LAMB: eager's results bit
+    for bit, at most two compiles (the first step creates the state), and a graph that
+    does not grow with the number of differently shaped tensors."""
+    few = _compiled_step_run((4, 3), make_opt=make_opt)
+    many = _compiled_step_run((13, 5, 7, 2, 6, 9, 3), make_opt=make_opt)
+    assert few[0] <= 2 and many[0] == few[0], (few, many)
+    assert many[1] == few[1], f"graph grows with the tensor count: {few[1]} vs {many[1]} ops"
+
+
 def test_compiled_mlp_optimizer_step_does_not_recompile_per_shape():
     """``torch.compile(opt.step, fullgraph=True)`` (no graph break; AOTAutograd
     functionalizes the in-place op) gives eager's results bit for bit, and compiles at
@@ -130,8 +165,8 @@ def test_compiled_mlp_optimizer_step_does_not_recompile_per_shape():
     never again over later steps. Neither the frame count nor the graph grows with the
     number of differently shaped tensors: the step is one multi-tensor op call per
     bucket, never a per-tensor graph."""
-    few = _compiled_mlp_step_run((4, 3))                     # 4 tensors, 2 shapes each kind
-    many = _compiled_mlp_step_run((13, 5, 7, 2, 6, 9, 3))    # 12 tensors, all shapes distinct
+    few = _compiled_step_run((4, 3))                     # 4 tensors, 2 shapes each kind
+    many = _compiled_step_run((13, 5, 7, 2, 6, 9, 3))    # 12 tensors, all shapes distinct
     assert few[0] <= 2 and many[0] == few[0], (few, many)
     assert many[1] == few[1], f"graph grows with the tensor count: {few[1]} vs {many[1]} ops"
 
@@ -140,7 +175,7 @@ def test_compiled_mlp_optimizer_step_with_lr_schedule_does_not_recompile():
     """With a tensor ``lr_mult`` a scheduler changes the lr in place: the compiled step
     reads it from the tensor and is not recompiled per lr value (a float lr_mult is a
     constant to dynamo, recompiled for every new value — as torch.optim's)."""
-    frames, _ = _compiled_mlp_step_run((4, 3, 2), steps=6, schedule=True)
+    frames, _ = _compiled_step_run((4, 3, 2), steps=6, schedule=True)
     assert frames <= 2, frames  # as without a schedule: the step's two compiles
 
 

@@ -121,12 +121,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_group({**self.defaults, **param_group}, where)
         super().add_param_group(param_group)
 
-    def _init_group(self, group: Dict[str, Any], index: int) -> Dict[Tuple[torch.device,
-                                                                         torch.dtype], Bucket]:
-        """The group's params that have a grad, with grads and lazily created state,
-        bucketed by (device, dtype)."""
+    def _init_group(self, group: Dict[str, Any], index: int, params: List[Tensor],
+                    grads: List[Tensor], steps: List[Tensor], *states: List[Tensor]) -> None:
+        """Append the group's params that have a grad, their grads, steps and state
+        (created lazily; one list per key of ``_group_state_keys(group)``) to the lists
+        passed in. torch.optim's convention — flat lists filled in place, nothing
+        returned — which torch.compile relies on: dynamo runs ``_init_group`` eagerly
+        and maps only the tensors appended to such lists."""
         keys = self._group_state_keys(group)
-        buckets: Dict[Tuple[torch.device, torch.dtype], Bucket] = {}
         for i, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
@@ -151,16 +153,33 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if k not in state:  # also when e.g. amsgrad is switched on mid-run
                     state[k] = torch.zeros_like(p, dtype=STATE_DTYPE,
                                                 memory_format=torch.contiguous_format)
+            params.append(p)
+            grads.append(grad)
+            steps.append(state["step"])
+            for k, lst in zip(keys, states):
+                lst.append(state[k])
+
+    def _buckets(self, group: Dict[str, Any], index: int) -> List[Bucket]:
+        """The group's params with a grad and their state, split by (device, dtype)."""
+        keys = self._group_state_keys(group)
+        params: List[Tensor] = []
+        grads: List[Tensor] = []
+        steps: List[Tensor] = []
+        states: Tuple[List[Tensor], ...] = tuple([] for _ in keys)
+        self._init_group(group, index, params, grads, steps, *states)
+        buckets: Dict[Tuple[torch.device, torch.dtype], Bucket] = {}
+        for i, p in enumerate(params):
             bucket = buckets.get((p.device, p.dtype))
             if bucket is None:
                 bucket = buckets[(p.device, p.dtype)] = Bucket(state={k: [] for k in keys})
             bucket.params.append(p)
             # A hand-assigned grad may be a non-contiguous view; the kernels read a copy.
-            bucket.grads.append(grad.contiguous())
-            bucket.steps.append(state["step"])
-            for k in keys:
-                bucket.state[k].append(state[k])
-        return buckets
+            g = grads[i]
+            bucket.grads.append(g if g.is_contiguous() else g.contiguous())
+            bucket.steps.append(steps[i])
+            for k, lst in zip(keys, states):
+                bucket.state[k].append(lst[i])
+        return list(buckets.values())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -175,7 +194,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         with nvtx_range(f"{self._name}.step"):
             for index, group in enumerate(self.param_groups):
-                for bucket in self._init_group(group, index).values():
+                for bucket in self._buckets(group, index):
                     if group["centralize"]:
                         bucket.grads = _centralized(bucket.grads)
                     self._fused_step(group, bucket)
@@ -225,7 +244,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 def _centralized(grads: List[Tensor]) -> List[Tensor]:
     """Centralized copies of the 2+ dim grads (one fused call), others as they are."""
-    out = [g.clone() if g.dim() > 1 else g for g in grads]
-    centralize_gradients_([g for g in out if g.dim() > 1])
+    idx = [i for i, g in enumerate(grads) if g.dim() > 1]
+    if not idx:
+        return grads
+    # One multi-tensor copy (x * 1.0 is exact, NaN and -0 included), not one clone per
+    # tensor: under torch.compile the graph then stays one op whatever the tensor count.
+    copies = torch._foreach_mul([grads[i] for i in idx], 1.0)
+    centralize_gradients_(copies)
+    out = list(grads)
+    for i, c in zip(idx, copies):
+        out[i] = c
     return out
 
