@@ -431,6 +431,7 @@ def _mlp_update_cpu(params, grads, moms, rmss, fac_rows, fac_cols, steps, weight
             r, c = 0, 0  # 0/1-dim: the full accumulator lives in fac_rows
         rows.append(r)
         cols.append(c)
+    weights = [w.contiguous() for w in weights]  # raw pointers: (in, out) row-major
     widths = [int(weights[0].shape[0])] + [int(w.shape[1]) for w in weights[0::2]]
     native().mlp_update_cpu(
         nc.ptrs(params), nc.ptrs(grads), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),
