@@ -3,6 +3,7 @@
     pyoptk info                 build, backends, which backend each op uses
     pyoptk demo [--out DIR]     digits: torch AdamW vs pyoptk AdamW / LAMB / Lookahead
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
+    pyoptk bench mlp [...]      learned-MLP step (mlp_update_) per backend
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _demo(argv: List[str]) -> int:
 
 
 def _bench(argv: List[str]) -> int:
-    suites = {"optim": "pyoptk.bench.optim"}
+    suites = {"optim": "pyoptk.bench.optim", "mlp": "pyoptk.bench.mlp"}
     if not argv or argv[0] not in suites:
         print(f"usage: pyoptk bench {{{','.join(suites)}}} [options]", file=sys.stderr)
         return 2

@@ -159,13 +159,22 @@ struct StatsChunk {
       for (int l = 0; l < kL; ++l) bad |= !(mlp::abs_(s.g[l]) < INFINITY);
       mlp::mlp_moments<float, kL>(dm, s.g, s.m, s.v, cl->dec.data(), cl->omd.data(), s.m, s.v);
       mlp::mlp_planes<float, kL>(dm, s.g, s.p, s.m, s.v, cl->c.eps, s.x);
+      // Lane l of every block adds into accumulator l (the tail block's missing lanes
+      // add nothing): a fixed association whatever the vector width.
       for (int i = 0; i < N; ++i) {
         double* a = acc.data() + i * kL;
         const float* xp = s.x + i * kL;
-        PYOPTK_LANES
-        for (int l = 0; l < kL; ++l) {
-          const double q = static_cast<double>(xp[l]);
-          a[l] += l < nb ? q * q : 0.0;
+        if (nb == kL) {
+          PYOPTK_LANES
+          for (int l = 0; l < kL; ++l) {
+            const double q = static_cast<double>(xp[l]);
+            a[l] += q * q;
+          }
+        } else {
+          for (int l = 0; l < nb; ++l) {
+            const double q = static_cast<double>(xp[l]);
+            a[l] += q * q;
+          }
         }
       }
       if (full_fac) {
@@ -174,8 +183,7 @@ struct StatsChunk {
         for (int f = 0; f < F; ++f) {
           double* a = acc.data() + (N + f) * kL;
           const float* up = s.u + f * kL;
-          PYOPTK_LANES
-          for (int l = 0; l < kL; ++l) a[l] += l < nb ? static_cast<double>(up[l]) : 0.0;
+          for (int l = 0; l < nb; ++l) a[l] += static_cast<double>(up[l]);
         }
       }
     }

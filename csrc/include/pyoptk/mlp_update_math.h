@@ -416,6 +416,7 @@ PYOPTK_HD void mlp_layer(const S* PYOPTK_RESTRICT in, int din, const S* PYOPTK_R
                          int dout, const S* PYOPTK_RESTRICT bias, bool act,
                          S* PYOPTK_RESTRICT out) {
   int j = 0;
+  for (; j + 6 <= dout; j += 6) mlp_layer_cols<S, L, 6>(in, din, w, dout, bias, j, act, out);
   for (; j + 4 <= dout; j += 4) mlp_layer_cols<S, L, 4>(in, din, w, dout, bias, j, act, out);
   for (; j + 2 <= dout; j += 2) mlp_layer_cols<S, L, 2>(in, din, w, dout, bias, j, act, out);
   for (; j < dout; ++j) mlp_layer_cols<S, L, 1>(in, din, w, dout, bias, j, act, out);
