@@ -466,6 +466,27 @@ void mlp_update_impl(Call& cl, const MLPUpdateConfig& cfg) {
 
 }  // namespace
 
+// The math is also instantiated for double here (unused by the float32 kernel) so that
+// the fp64 path of the shared header keeps compiling with the host compiler; the CUDA
+// side instantiates it with L = 1.
+namespace mlp {
+template void mlp_moments<double, kL>(const MLPDims&, const double*, const double*,
+                                      const double*, const double*, const double*, double*,
+                                      double*);
+template void mlp_full_fac<double, kL>(const MLPDims&, const double*, const double*,
+                                       const double*, const double*, double, double*);
+template void mlp_features<double, kL>(const MLPDims&, const MLPConsts<double>&,
+                                       const MLPTensorScalars<double>&, const double*,
+                                       const double*, const double*, const double*,
+                                       const double*, const double*, double*, double*);
+template void mlp_forward<double, kL>(const double*, int, int, const int64_t*,
+                                      const double* const*, const double* const*, double*, int,
+                                      double*);
+template void mlp_folded_bias<double>(double, const double*, int, const double*,
+                                      const double*, int, int, double*);
+template double mlp_apply<double>(double, double, double, double, const MLPConsts<double>&);
+}  // namespace mlp
+
 void mlp_update_cpu(const PtrList& params, const PtrList& grads, const PtrList& moms,
                     const PtrList& rmss, const PtrList& fac_rows, const PtrList& fac_cols,
                     const PtrList& steps, const SizeList& numels, const SizeList& rows,
