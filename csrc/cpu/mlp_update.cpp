@@ -285,15 +285,17 @@ struct ApplyChunk {
         }
       }
       mlp::mlp_features<float, kL>(dm, cl->c, ts, s.g, s.p, s.m, s.v, s.fa, s.fb, s.x, s.work);
-      mlp::mlp_forward<float, kL>(s.x, cl->NE, cl->n_layers, cl->widths.data(), cl->w.data(), b.data(),
-                                  s.hidden, cl->max_width, s.out);
+      mlp::mlp_forward<float, kL>(s.x, cl->NE, cl->n_layers, cl->widths.data(), cl->w.data(),
+                                  b.data(), s.hidden, cl->max_width, s.out);
       const float* d = s.out;
       const float* a = s.out + kL;
       PYOPTK_LANES
       for (int l = 0; l < kL; ++l) s.work[l] = mlp::mlp_exp_arg(a[l], cl->c);
       for (int l = 0; l < kL; ++l) s.work[l] = mlp::exp_(s.work[l]);
       PYOPTK_LANES
-      for (int l = 0; l < kL; ++l) s.work[l] = mlp::mlp_apply_exp(s.p[l], d[l], s.work[l], coef, cl->c);
+      for (int l = 0; l < kL; ++l) {
+        s.work[l] = mlp::mlp_apply_exp(s.p[l], d[l], s.work[l], coef, cl->c);
+      }
       if (nb == kL) {
         PYOPTK_LANES
         for (int l = 0; l < kL; ++l) pp[e0 + l] = store_from_f32<T>(s.work[l]);
@@ -422,14 +424,16 @@ void mlp_update_impl(Call& cl, const MLPUpdateConfig& cfg) {
     }
     std::vector<double> sums(static_cast<size_t>(ps), 0.0);
     for (int64_t c = cl.first_chunk[i]; c < cl.first_chunk[i + 1]; ++c) {  // fixed order
-      for (int q = 0; q < ps; ++q) sums[static_cast<size_t>(q)] += partials[static_cast<size_t>(c * ps + q)];
+      const double* pc = partials.data() + c * ps;
+      for (int q = 0; q < ps; ++q) sums[static_cast<size_t>(q)] += pc[q];
     }
     if (sums[static_cast<size_t>(N + F)] != 0.0) return;  // non-finite gradient: skipped
     cl.ok[i] = 1;
     float* fin = cl.fin.data() + i * static_cast<size_t>(cl.fs);
     const double n = static_cast<double>(t.numel);
     for (int q = 0; q < N; ++q) {
-      fin[q] = static_cast<float>(mlp::mlp_plane_scale(sums[static_cast<size_t>(q)], n, cfg.norm_eps));
+      const double sq = sums[static_cast<size_t>(q)];
+      fin[q] = static_cast<float>(mlp::mlp_plane_scale(sq, n, cfg.norm_eps));
     }
     for (int f = 0; f < F; ++f) {
       const float d = cl.dec[static_cast<size_t>(K + R + f)];

@@ -408,8 +408,8 @@ def _native_mlp_config(hp: MLPUpdateHyper):
         eps=float(hp.eps), norm_eps=float(hp.norm_eps), fac_eps=float(hp.fac_eps),
         exp_mult=float(hp.exp_mult), step_mult=float(hp.step_mult), lr=float(hp.lr),
         lr_ptr=nc.lr_ptr(hp.lr_t), weight_decay=float(hp.weight_decay),
-        # torch.set_num_threads governs the native loops too (their OpenMP runtime is
-        # not torch's, so its own default may differ).
+        # torch.set_num_threads governs the native loops too (passed explicitly: the
+        # OpenMP default of pyoptk._C need not be torch's setting).
         num_threads=torch.get_num_threads())
 
 
@@ -431,7 +431,9 @@ def _mlp_update_cpu(params, grads, moms, rmss, fac_rows, fac_cols, steps, weight
             r, c = 0, 0  # 0/1-dim: the full accumulator lives in fac_rows
         rows.append(r)
         cols.append(c)
-    weights = [w.contiguous() for w in weights]  # raw pointers: (in, out) row-major
+    # Raw pointers: (in, out) row-major weights; the locals keep any copies alive.
+    weights = [w.contiguous() for w in weights]
+    decays = decays.contiguous()
     widths = [int(weights[0].shape[0])] + [int(w.shape[1]) for w in weights[0::2]]
     native().mlp_update_cpu(
         nc.ptrs(params), nc.ptrs(grads), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),

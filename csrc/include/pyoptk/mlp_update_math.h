@@ -221,7 +221,9 @@ PYOPTK_HD void mlp_full_fac(const MLPDims& dm, const S* PYOPTK_RESTRICT g, const
   for (int f = 0; f < dm.F; ++f) {
     const S d = dec[dm.K + dm.R + f], o = omd[dm.K + dm.R + f];
     PYOPTK_LANES
-    for (int l = 0; l < L; ++l) u_new[f * L + l] = ema(u_old[f * L + l], fac_input(g[l], fac_eps), d, o);
+    for (int l = 0; l < L; ++l) {
+      u_new[f * L + l] = ema(u_old[f * L + l], fac_input(g[l], fac_eps), d, o);
+    }
   }
 }
 
