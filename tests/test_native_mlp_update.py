@@ -444,3 +444,11 @@ def test_cpu_decline_falls_back(monkeypatch):
         mlp_update_(state[0], grads, *state[1:], weights, decays, config.op_hyper(1.0))
     mlp_update_reference(ref[0], grads, *ref[1:], weights, decays, config.op_hyper(1.0))
     assert torch.equal(state[0][0], ref[0][0])
+
+
+def test_bench_mlp_smoke():
+    """``pyoptk bench mlp`` runs (native backend only: the reference takes seconds)."""
+    from pyoptk.bench import mlp as bench
+
+    rows = bench.run(["flat-1m"], torch.device("cpu"), reps=1, backends=["cpu"])
+    assert [r["backend"] for r in rows] == ["cpu"] and float(rows[0]["median_ms"]) > 0
