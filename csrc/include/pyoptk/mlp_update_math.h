@@ -273,14 +273,20 @@ PYOPTK_HD void mlp_planes(const MLPDims& dm, const S* PYOPTK_RESTRICT g,
 // (log|x|/k, sign x) if |x| >= e^-k, else (-1, e^k x): the log of the clamped |x|.
 // The logs are computed in a separate lane loop (logf does not vectorize without
 // fast-math); log_part must hold max(|x|, thr) on entry, see mlp_features.
+// Both branches are computed and one is selected (no conditional division/product).
 template <typename S>
 PYOPTK_HD S logsign_sign(S x, S thr, S scale) {
-  const S sgn = x > S(0) ? S(1) : (x < S(0) ? S(-1) : x);  // sign(+-0) = +-0, NaN stays
-  return abs_(x) >= thr ? sgn : mul_rn(x, scale);
+  // sign(x): +-1, +-0 for +-0, NaN for NaN.
+  S sgn = x < S(0) ? S(-1) : x;
+  sgn = x > S(0) ? S(1) : sgn;
+  const S lin = mul_rn(x, scale);
+  return abs_(x) >= thr ? sgn : lin;
 }
 template <typename S>
 PYOPTK_HD S logsign_log(S x, S log_clamped, S thr, S k) {
-  return abs_(x) >= thr ? div_rn(log_clamped, k) : S(-1);
+  const S q = div_rn(log_clamped, k);
+  const bool big = abs_(x) >= thr;
+  return big ? q : S(-1);
 }
 
 // ---- the element features --------------------------------------------------------------
