@@ -14,7 +14,7 @@
 // Finalize (per tensor, O(chunks + rows + cols)): plane scales, new row/column
 //   accumulators (written), vbar_f, the first-layer bias with the time features folded
 //   in, and the step count (+1 unless skipped; empty tensors only count the step).
-// Pass 2, parallel over element chunks, blocks of kLanes elements: recompute the
+// Pass 2, parallel over element chunks, blocks of kL = 16 elements: recompute the
 //   accumulators and features, run the MLP (fused multiply-adds, vectorized across the
 //   block), write p (rounded once to its dtype), m, v, u. A tensor with a non-finite
 //   gradient writes nothing.

@@ -13,7 +13,7 @@
 //   (d, a) = MLP(x) ; p = p - lr*step_mult*(d*exp(exp_mult*a) + wd*p)
 //
 // Functions work on a *block of L lanes* (L elements at once), every array laid out
-// plane-major: a[plane * L + lane]. The CPU backend uses L = 16..32 and vectorizes the
+// plane-major: a[plane * L + lane]. The CPU backend uses L = 16 and vectorizes the
 // lane loops (PYOPTK_LANES = #pragma omp simd); a CUDA kernel uses L = 1 (one element
 // per thread), where every lane loop disappears. Every lane does exactly the same IEEE
 // operations in the same order whatever L is, so results do not depend on L.
