@@ -148,6 +148,82 @@ void check_centralize(const char* fn, const PtrList& grads, const SizeList& rows
   check_dtype(fn, dtype);
 }
 
+// Validation of mlp_update_cpu: list lengths, counts, shapes, layer widths, pointers.
+void check_mlp_update(const char* fn, const PtrList& params, const PtrList& grads,
+                      const PtrList& moms, const PtrList& rmss, const PtrList& fac_rows,
+                      const PtrList& fac_cols, const PtrList& steps, const SizeList& numels,
+                      const SizeList& rows, const SizeList& cols, int dtype,
+                      const PtrList& weights, const SizeList& widths, uintptr_t decays,
+                      const pyoptk::MLPUpdateConfig& cfg) {
+  check_numels(fn, numels);
+  check_len(fn, "rows", rows.size(), numels.size());
+  check_len(fn, "cols", cols.size(), numels.size());
+  check_numels(fn, rows, "rows");
+  check_numels(fn, cols, "cols");
+  if (cfg.n_mom < 0 || cfg.n_rms < 0 || cfg.n_fac < 0) {
+    bad(fn, "n_mom, n_rms and n_fac must be >= 0, got " + std::to_string(cfg.n_mom) + ", " +
+                std::to_string(cfg.n_rms) + ", " + std::to_string(cfg.n_fac));
+  }
+  if (cfg.fac_mom_index < -1 || cfg.fac_mom_index >= cfg.n_mom) {
+    bad(fn, "fac_mom_index must be -1 or in [0, n_mom=" + std::to_string(cfg.n_mom) +
+                "), got " + std::to_string(cfg.fac_mom_index));
+  }
+  if (cfg.num_threads < 0) bad(fn, "num_threads must be >= 0 (0: OpenMP default)");
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const bool full = rows[i] == 0 && cols[i] == 0;
+    if (numels[i] > 0 && !full && rows[i] * cols[i] != numels[i]) {
+      bad(fn, "tensor " + std::to_string(i) + ": rows*cols = " + std::to_string(rows[i]) + "*" +
+                  std::to_string(cols[i]) + " != numel " + std::to_string(numels[i]) +
+                  " (use rows = cols = 0 for 0/1-dim tensors)");
+    }
+  }
+  check_ptrs(fn, "params", params, numels);
+  check_ptrs(fn, "grads", grads, numels);
+  SizeList zeros(numels.size(), 0);
+  check_ptrs(fn, "moms", moms, cfg.n_mom > 0 ? numels : zeros);
+  check_ptrs(fn, "rmss", rmss, cfg.n_rms > 0 ? numels : zeros);
+  check_ptrs(fn, "fac_rows", fac_rows, cfg.n_fac > 0 ? numels : zeros);
+  SizeList fac_col_numels(numels.size(), 0);
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (cfg.n_fac > 0 && cols[i] > 0) fac_col_numels[i] = numels[i];
+  }
+  check_ptrs(fn, "fac_cols", fac_cols, fac_col_numels);
+  check_len(fn, "steps", steps.size(), numels.size());
+  for (size_t i = 0; i < steps.size(); ++i) {  // every tensor counts its step
+    if (steps[i] == 0) bad(fn, "steps[" + std::to_string(i) + "] is a null pointer");
+  }
+  check_dtype(fn, dtype);
+  if (weights.size() < 2 || weights.size() % 2) {
+    bad(fn, "weights must be [w0, b0, w1, b1, ...] (even length >= 2), got " +
+                std::to_string(weights.size()) + " pointers");
+  }
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (weights[i] == 0) bad(fn, "weights[" + std::to_string(i) + "] is a null pointer");
+  }
+  const size_t n_layers = weights.size() / 2;
+  if (widths.size() != n_layers + 1) {
+    bad(fn, "widths must have one entry per layer input plus the output (" +
+                std::to_string(n_layers + 1) + "), got " + std::to_string(widths.size()));
+  }
+  const pyoptk::mlp::MLPDims dm = cfg.dims();
+  const int64_t d_in = dm.n_element() + static_cast<int64_t>(cfg.timescales.size());
+  if (widths[0] != d_in) {
+    bad(fn, "widths[0] = " + std::to_string(widths[0]) + " but the feature config has " +
+                std::to_string(d_in) + " features");
+  }
+  for (size_t i = 1; i < widths.size(); ++i) {
+    if (widths[i] < 1) bad(fn, "widths[" + std::to_string(i) + "] must be >= 1");
+  }
+  if (widths.back() != 2) {
+    bad(fn, "the last layer must have 2 outputs (direction, magnitude), got " +
+                std::to_string(widths.back()));
+  }
+  if (dm.K + dm.R + dm.F > 0) check_nonnull(fn, "decays", decays);
+  for (double t : cfg.timescales) {
+    if (!(t > 0.0) || !std::isfinite(t)) bad(fn, "timescales must be finite and > 0");
+  }
+}
+
 #ifndef PYOPTK_WITH_CUDA
 [[noreturn]] void no_cuda(const char* fn) {
   throw std::runtime_error(std::string("pyoptk._C was built without CUDA (nvcc not found, or "
@@ -277,6 +353,66 @@ PYBIND11_MODULE(_C, m) {
                ", weight_decay=" + fmt(c.weight_decay) +
                ", bias_correction=" + fmt(c.bias_correction) + ", adam=" + fmt(c.adam) +
                ", clamp_value=" + fmt(c.clamp_value) + ", maximize=" + fmt(c.maximize) + ")";
+      });
+
+  using pyoptk::MLPUpdateConfig;
+  py::class_<MLPUpdateConfig>(m, "MLPUpdateConfig",
+                              "Hyperparameters of one mlp_update_ call (MLPUpdateHyper).")
+      .def(py::init([](int n_mom, int n_rms, int n_fac, int fac_mom_index, double log_sign_k,
+                       std::vector<double> timescales, double eps, double norm_eps,
+                       double fac_eps, double exp_mult, double step_mult, double lr,
+                       uintptr_t lr_ptr, double weight_decay, int num_threads) {
+             MLPUpdateConfig c;
+             c.n_mom = n_mom;
+             c.n_rms = n_rms;
+             c.n_fac = n_fac;
+             c.fac_mom_index = fac_mom_index;
+             c.log_sign_k = log_sign_k;
+             c.timescales = std::move(timescales);
+             c.eps = eps;
+             c.norm_eps = norm_eps;
+             c.fac_eps = fac_eps;
+             c.exp_mult = exp_mult;
+             c.step_mult = step_mult;
+             c.lr = lr;
+             c.lr_ptr = lr_ptr;
+             c.weight_decay = weight_decay;
+             c.num_threads = num_threads;
+             return c;
+           }),
+           py::kw_only(), py::arg("n_mom") = 5, py::arg("n_rms") = 1, py::arg("n_fac") = 3,
+           py::arg("fac_mom_index") = -1, py::arg("log_sign_k") = 10.0,
+           py::arg("timescales") = std::vector<double>{}, py::arg("eps") = 1e-16,
+           py::arg("norm_eps") = 1e-12, py::arg("fac_eps") = 1e-30, py::arg("exp_mult") = 1e-3,
+           py::arg("step_mult") = 1e-3, py::arg("lr") = 1.0, py::arg("lr_ptr") = 0,
+           py::arg("weight_decay") = 0.0, py::arg("num_threads") = 0)
+      .def_readwrite("n_mom", &MLPUpdateConfig::n_mom)
+      .def_readwrite("n_rms", &MLPUpdateConfig::n_rms)
+      .def_readwrite("n_fac", &MLPUpdateConfig::n_fac)
+      .def_readwrite("fac_mom_index", &MLPUpdateConfig::fac_mom_index)
+      .def_readwrite("log_sign_k", &MLPUpdateConfig::log_sign_k)
+      .def_readwrite("timescales", &MLPUpdateConfig::timescales)
+      .def_readwrite("eps", &MLPUpdateConfig::eps)
+      .def_readwrite("norm_eps", &MLPUpdateConfig::norm_eps)
+      .def_readwrite("fac_eps", &MLPUpdateConfig::fac_eps)
+      .def_readwrite("exp_mult", &MLPUpdateConfig::exp_mult)
+      .def_readwrite("step_mult", &MLPUpdateConfig::step_mult)
+      .def_readwrite("lr", &MLPUpdateConfig::lr)
+      .def_readwrite("lr_ptr", &MLPUpdateConfig::lr_ptr)
+      .def_readwrite("weight_decay", &MLPUpdateConfig::weight_decay)
+      .def_readwrite("num_threads", &MLPUpdateConfig::num_threads)
+      .def("__repr__", [](const MLPUpdateConfig& c) {
+        std::string ts;
+        for (double t : c.timescales) ts += (ts.empty() ? "" : ", ") + fmt(t);
+        return "MLPUpdateConfig(n_mom=" + std::to_string(c.n_mom) +
+               ", n_rms=" + std::to_string(c.n_rms) + ", n_fac=" + std::to_string(c.n_fac) +
+               ", fac_mom_index=" + std::to_string(c.fac_mom_index) +
+               ", log_sign_k=" + fmt(c.log_sign_k) + ", timescales=[" + ts + "], eps=" +
+               fmt(c.eps) + ", norm_eps=" + fmt(c.norm_eps) + ", fac_eps=" + fmt(c.fac_eps) +
+               ", exp_mult=" + fmt(c.exp_mult) + ", step_mult=" + fmt(c.step_mult) +
+               ", lr=" + fmt(c.lr) + ", lr_ptr=" + std::to_string(c.lr_ptr) +
+               ", weight_decay=" + fmt(c.weight_decay) +
+               ", num_threads=" + std::to_string(c.num_threads) + ")";
       });
 
   // ---- AdamW ---------------------------------------------------------------------------
@@ -430,6 +566,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grads"), py::arg("numels"), py::arg("dtype"), py::arg("norm_type"),
       py::arg("max_norm"), py::arg("out_ptr"), py::arg("workspace_ptr"), py::arg("stream"),
       "Total norm into out_ptr and grads scaled on device (3 launches, no host sync).");
+
+  // ---- learned MLP step ----------------------------------------------------------------
+  m.def(
+      "mlp_update_cpu",
+      [](const PtrList& params, const PtrList& grads, const PtrList& moms, const PtrList& rmss,
+         const PtrList& fac_rows, const PtrList& fac_cols, const PtrList& steps,
+         const SizeList& numels, const SizeList& rows, const SizeList& cols, int dtype,
+         const PtrList& weights, const SizeList& widths, uintptr_t decays,
+         const MLPUpdateConfig& cfg) {
+        check_mlp_update("mlp_update_cpu", params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                         numels, rows, cols, dtype, weights, widths, decays, cfg);
+        py::gil_scoped_release nogil;
+        pyoptk::mlp_update_cpu(params, grads, moms, rmss, fac_rows, fac_cols, steps, numels,
+                               rows, cols, dtype, weights, widths, decays, cfg);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("moms"), py::arg("rmss"),
+      py::arg("fac_rows"), py::arg("fac_cols"), py::arg("steps"), py::arg("numels"),
+      py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("weights"),
+      py::arg("widths"), py::arg("decays"), py::arg("cfg"),
+      "One learned-MLP step over CPU tensors (in place): 2 passes, steps incremented.");
 
   // ---- gradient centralization ----------------------------------------------------------
   m.def(

@@ -44,6 +44,8 @@ __all__ = [
     "registered_backends",
     "resolve_backend",
     "backend_unavailable_reason",
+    "implementation_for",
+    "warn_fallback",
 ]
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
@@ -216,3 +218,24 @@ def _warn_slow_path(op: str, device_type: str, missing: list) -> None:
 def implementation(op: str, device_type: str) -> Callable:
     """The registered implementation of ``op`` for ``device_type``'s resolved backend."""
     return _registry[op][resolve_backend(op, device_type)]
+
+
+def implementation_for(op: str, backend: str) -> Callable:
+    """The registered implementation of ``op`` for ``backend`` (see :func:`resolve_backend`)."""
+    return _registry[op][backend]
+
+
+def warn_fallback(op: str, device_type: str, backend: str, reason: str) -> None:
+    """One-time :class:`SlowPathWarning` (per op, device type, backend and reason) when a
+    backend declines a call's configuration (NotImplementedError raised before any
+    tensor was touched) and the op runs its PyTorch reference instead."""
+    key = (op, device_type, backend, reason)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"pyoptk::{op} on {device_type}: the {backend!r} backend does not support this "
+        f"configuration ({reason}); running the PyTorch reference instead (slower).",
+        SlowPathWarning,
+        stacklevel=4,
+    )

@@ -67,10 +67,13 @@ inline void parallel_for(int64_t n, F&& f) {
 // The wheel targets baseline x86-64 (SSE2), where the 32 -> 16 bit packing of the
 // bf16/fp16 stores is slow and vectors are 4 floats wide. Every inner loop (a kernel
 // struct K with a static, always-inlined run()) is therefore compiled three times, for
-// baseline, AVX2 and AVX-512 (512-bit vectors), and the best copy the CPU has runs.
-// FMA contraction is off for all of csrc/cpu (-ffp-contract=off in CMakeLists.txt; AVX-512
-// would otherwise fuse a*b+c): every copy does the same IEEE operations in the same
-// order, so results are bit-identical whatever the instruction set.
+// baseline, AVX2+FMA and AVX-512 (512-bit vectors), and the best copy the CPU has runs.
+// Implicit FMA contraction is off for all of csrc/cpu (-ffp-contract=off in
+// CMakeLists.txt): a*b+c stays two roundings in every copy, and the fused multiply-adds
+// that are wanted (the learned MLP's) are explicit fmaf calls — an instruction in the
+// AVX2/AVX-512 copies, a correctly rounded library call in the baseline one. Every copy
+// does the same IEEE operations in the same order: results are bit-identical whatever
+// the instruction set.
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define PYOPTK_X86_DISPATCH 1
 #endif
@@ -91,7 +94,7 @@ inline Isa cpu_isa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
     Isa best = Isa::kBaseline;
-    if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       best = Isa::kAvx512;
@@ -114,7 +117,7 @@ inline const char* cpu_isa_name() {
 }
 
 template <typename K, typename... A>
-__attribute__((target("avx2"))) auto run_avx2(A... a) -> decltype(K::run(a...)) {
+__attribute__((target("avx2,fma"))) auto run_avx2(A... a) -> decltype(K::run(a...)) {
   return K::run(a...);
 }
 

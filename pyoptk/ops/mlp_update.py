@@ -50,8 +50,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from pyoptk._backend import implementation, register_backend
+from pyoptk._backend import (implementation_for, register_backend, resolve_backend,
+                             warn_fallback)
+from pyoptk._native import native
 from pyoptk._nvtx import annotate
+from pyoptk.ops import _native_call as nc
 from pyoptk.ops._validation import PARAM_DTYPES, STATE_DTYPE, check_lr, check_steps
 
 OP = "mlp_update_"
@@ -383,14 +386,88 @@ register_backend(OP, "torch")(mlp_update_reference)
 
 
 # ----------------------------------------------------------------------------------
-# Backend launchers. None yet: 'auto' resolves to 'torch' on every device (without a
-# SlowPathWarning, since no fused backend is registered). A fused backend registers
-# here, as in adamw.py, with the reference's signature:
-#   @register_backend(OP, "cuda")   # or "cpu", "triton"
-#   def _mlp_update_cuda(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights,
-#                        decays, hp: MLPUpdateHyper) -> None
-# and must increment steps[i] itself for every tensor it does not skip.
+# Backend launchers. Each has the reference's signature and increments steps[i] itself
+# for every tensor it does not skip. A backend that declines a configuration raises
+# NotImplementedError *before touching any tensor*; the op then runs the reference
+# (with a one-time SlowPathWarning naming the reason).
 # ----------------------------------------------------------------------------------
+def _present(params, grads, moms, rmss, fac_rows, fac_cols, steps):
+    """Drop tensors whose gradient is None (a direct backend call may pass them; the
+    op's schema only takes tensors)."""
+    if all(g is not None for g in grads):
+        return params, grads, moms, rmss, fac_rows, fac_cols, steps
+    keep = [i for i, g in enumerate(grads) if g is not None]
+    return tuple([xs[i] for i in keep]
+                 for xs in (params, grads, moms, rmss, fac_rows, fac_cols, steps))
+
+
+def _native_mlp_config(hp: MLPUpdateHyper):
+    return native().MLPUpdateConfig(
+        n_mom=hp.n_mom, n_rms=hp.n_rms, n_fac=hp.n_fac, fac_mom_index=hp.fac_mom_index,
+        log_sign_k=float(hp.log_sign_k), timescales=[float(t) for t in hp.timescales],
+        eps=float(hp.eps), norm_eps=float(hp.norm_eps), fac_eps=float(hp.fac_eps),
+        exp_mult=float(hp.exp_mult), step_mult=float(hp.step_mult), lr=float(hp.lr),
+        lr_ptr=nc.lr_ptr(hp.lr_t), weight_decay=float(hp.weight_decay),
+        # torch.set_num_threads governs the native loops too (passed explicitly: the
+        # OpenMP default of pyoptk._C need not be torch's setting).
+        num_threads=torch.get_num_threads())
+
+
+@register_backend(OP, "cpu")
+def _mlp_update_cpu(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
+                    hp: MLPUpdateHyper) -> None:
+    """Native C++ (OpenMP): pass 1 statistics, per-tensor finalize, pass 2 update
+    (``csrc/cpu/mlp_update.cpp``). Runs every configuration the op accepts (any K/R/F,
+    timescales, fac_mom_index, hidden widths and depth)."""
+    params, grads, moms, rmss, fac_rows, fac_cols, steps = _present(
+        params, grads, moms, rmss, fac_rows, fac_cols, steps)
+    if not params:
+        return
+    rows, cols = [], []
+    for p in params:
+        if is_factored(p.shape):
+            r, c = matrix_shape(p.shape)
+        else:
+            r, c = 0, 0  # 0/1-dim: the full accumulator lives in fac_rows
+        rows.append(r)
+        cols.append(c)
+    # Raw pointers: (in, out) row-major weights; the locals keep any copies alive.
+    weights = [w.contiguous() for w in weights]
+    decays = decays.contiguous()
+    widths = [int(weights[0].shape[0])] + [int(w.shape[1]) for w in weights[0::2]]
+    native().mlp_update_cpu(
+        nc.ptrs(params), nc.ptrs(grads), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),
+        nc.ptrs(fac_cols), nc.ptrs(steps), nc.numels(params), rows, cols,
+        nc.dtype_code(params[0].dtype), nc.ptrs(weights), widths, decays.data_ptr(),
+        _native_mlp_config(hp))
+
+
+@register_backend(OP, "triton")
+def _mlp_update_triton(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
+                       hp: MLPUpdateHyper) -> None:
+    """The Triton kernels (``kernels/mlp_update.py``); NotImplementedError (raised by
+    ``check_supported`` before any launch) for the configurations they decline."""
+    from pyoptk.kernels import mlp_update as kernels
+
+    kernels.check_supported(weights, hp, params[0].dtype if params else None)
+    kernels.mlp_update_(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
+                        hp)
+
+
+def _run_backend(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
+                 hp: MLPUpdateHyper) -> None:
+    device_type = params[0].device.type
+    backend = resolve_backend(OP, device_type)
+    fn = implementation_for(OP, backend)
+    try:
+        fn(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, hp)
+    except NotImplementedError as exc:
+        if backend == "torch":
+            raise
+        # Declined before any tensor was written (the backends' contract): the reference.
+        warn_fallback(OP, device_type, backend, str(exc))
+        mlp_update_reference(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights,
+                             decays, hp)
 
 
 # ----------------------------------------------------------------------------------
@@ -427,8 +504,7 @@ def _mlp_update_dispatch(params, grads, moms, rmss, fac_rows, fac_cols, steps, w
         return
     hp = _hyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps,
                 fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay)
-    fn = implementation(OP, params[0].device.type)
-    fn(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, hp)
+    _run_backend(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, hp)
 
 
 @_mlp_update_op.register_fake

@@ -12,6 +12,7 @@
 
 #include "pyoptk/adamw_math.h"
 #include "pyoptk/lamb_math.h"
+#include "pyoptk/mlp_update_math.h"
 
 namespace pyoptk {
 
@@ -53,6 +54,28 @@ struct LambConfig {
   }
 };
 
+// Hyperparameters of one mlp_update_ call (pyoptk._C.MLPUpdateConfig), as
+// pyoptk.ops.mlp_update.MLPUpdateHyper; num_threads 0 = the OpenMP default.
+struct MLPUpdateConfig {
+  int n_mom = 5;
+  int n_rms = 1;
+  int n_fac = 3;
+  int fac_mom_index = -1;
+  double log_sign_k = 10.0;
+  std::vector<double> timescales;
+  double eps = 1e-16;
+  double norm_eps = 1e-12;
+  double fac_eps = 1e-30;
+  double exp_mult = 1e-3;
+  double step_mult = 1e-3;
+  double lr = 1.0;
+  uintptr_t lr_ptr = 0;  // one float32 overriding lr, or 0
+  double weight_decay = 0.0;
+  int num_threads = 0;
+
+  mlp::MLPDims dims() const { return mlp::MLPDims{n_mom, n_rms, n_fac, fac_mom_index}; }
+};
+
 // ---- workspace sizes (float32 elements; used by the CUDA entry points) -----------------
 int64_t lamb_workspace_numel(const SizeList& numels);
 int64_t norm_workspace_numel(const SizeList& numels);
@@ -75,6 +98,17 @@ void clip_grad_norm_cpu(const PtrList& grads, const SizeList& numels, int dtype,
 
 void centralize_cpu(const PtrList& grads, const SizeList& rows, const SizeList& cols,
                     int dtype);
+
+// One learned-MLP step over all tensors (in place). rows/cols: the (rows, cols) view of
+// each 2+ dim tensor, 0/0 for 0/1-dim tensors (full factored accumulator). weights:
+// [w0, b0, w1, b1, ...] float32, widths: [D, H0, ..., 2] (D = n_element + T). decays:
+// float32 (K+R+F,). steps[i] counts applied updates and is incremented unless tensor i
+// has a non-finite gradient (empty tensors always count the step).
+void mlp_update_cpu(const PtrList& params, const PtrList& grads, const PtrList& moms,
+                    const PtrList& rmss, const PtrList& fac_rows, const PtrList& fac_cols,
+                    const PtrList& steps, const SizeList& numels, const SizeList& rows,
+                    const SizeList& cols, int dtype, const PtrList& weights,
+                    const SizeList& widths, uintptr_t decays, const MLPUpdateConfig& cfg);
 
 // The instruction set the CPU loops run with ("baseline", "avx2" or "avx512"; see
 // csrc/cpu/cpu_util.h and PYOPTK_CPU_ISA).
