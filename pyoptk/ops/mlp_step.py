@@ -130,6 +130,7 @@ register_backend(BACKWARD_OP, "torch")(mlp_step_backward_reference)
 # Backend launchers (backward).
 # ----------------------------------------------------------------------------------
 MAX_WIDTH = 128  # widest hidden layer the native kernel takes (its micro-batch buffers)
+MAX_MOM, MAX_RMS, MAX_FAC = 8, 4, 8  # kMsgMax* in csrc/include/pyoptk/mlp_step_grad_math.h
 
 
 def native_decline_reason(params: Sequence[Tensor], weights: Sequence[Tensor],
@@ -137,6 +138,9 @@ def native_decline_reason(params: Sequence[Tensor], weights: Sequence[Tensor],
     """Why the native CPU backward cannot run this call, or None."""
     if any(w.shape[1] > MAX_WIDTH for w in weights[0::2]):
         return f"a layer wider than {MAX_WIDTH}"
+    if hp.n_mom > MAX_MOM or hp.n_rms > MAX_RMS or hp.n_fac > MAX_FAC:
+        return (f"more than {MAX_MOM} momentum, {MAX_RMS} RMS or {MAX_FAC} factored decays "
+                f"(got {hp.n_mom}, {hp.n_rms}, {hp.n_fac})")
     if params and params[0].dtype not in (torch.float32, torch.float64, torch.bfloat16,
                                           torch.float16):
         return f"param dtype {params[0].dtype}"
