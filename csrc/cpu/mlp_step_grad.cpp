@@ -106,6 +106,111 @@ struct PartLayout {
   int size() const { return off_finite() + 1; }
 };
 
+// One micro-batch of kB elements through the MLP, SoA buffers [feature][lane]. Kept
+// free of lambdas and calls so that cpu::run_loop compiles it for AVX2 as well.
+template <typename T>
+struct MlpBatch {
+  int L, n_elem;
+  const int64_t* widths;   // (n_features, hidden..., 2)
+  const T* const* W;       // (in, out) per layer
+  const T* const* bias;    // per layer (layer 0: the tensor's folded bias b0eff)
+  const T* b0eff;
+  const T* X;              // (n_elem, kB) inputs
+  T* const* act;           // per layer (out, kB): ReLU outputs, raw for the last layer
+  T *dA, *dZ, *dZT;        // (max width, kB) cotangent buffers; dA holds (2, kB) on entry
+  double* dW;              // weight-gradient accumulators, laid out by w_off
+  const int64_t* w_off;
+  double* db0;             // per-tile sum of the first layer's pre-activation cotangents
+};
+
+template <typename T>
+struct MlpForwardK {
+  PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
+    const MlpBatch<T>& m = *mp;
+    // -- MLP forward --
+    for (int l = 0; l < m.L; ++l) {
+      const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
+      const int out = static_cast<int>(m.widths[l + 1]);
+      const T* A_in = (l == 0) ? m.X : m.act[l - 1];
+      const T* bl = (l == 0) ? m.b0eff : m.bias[l];
+      const T* Wl = m.W[l];
+      T* Z = m.act[l];
+      const bool relu = l < m.L - 1;
+      for (int j = 0; j < out; ++j) {
+        T acc[kB];
+        for (int b = 0; b < kB; ++b) acc[b] = bl[j];
+        for (int i = 0; i < in; ++i) {
+          const T wij = Wl[i * out + j];
+          const T* xi = A_in + i * kB;
+          for (int b = 0; b < kB; ++b) acc[b] += wij * xi[b];
+        }
+        if (relu) {
+          for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b] > T(0) ? acc[b] : T(0);
+        } else {
+          for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b];
+        }
+      }
+    }
+  }
+};
+
+// dA (2, kB) = cotangents of (d, a) on entry; on exit dA (n_elem, kB) = cotangents of the
+// per-element features; dW and db0 accumulated.
+template <typename T>
+struct MlpBackwardK {
+  PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
+    const MlpBatch<T>& m = *mp;
+    T accw[kMaxWidth];
+    // -- backward through the MLP --
+    for (int l = m.L - 1; l >= 0; --l) {
+      const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
+      const int out = static_cast<int>(m.widths[l + 1]);
+      const T* A_in = (l == 0) ? m.X : m.act[l - 1];
+      const T* Wl = m.W[l];
+      const T* Z = m.act[l];
+      // dZ = dA (masked by the ReLU for hidden layers); also its transpose.
+      for (int j = 0; j < out; ++j) {
+        for (int b = 0; b < kB; ++b) {
+          const T x = m.dA[(j * kB + b)];
+          const T dz = (l < m.L - 1) ? (Z[j * kB + b] > T(0) ? x : T(0)) : x;
+          m.dZ[(j * kB + b)] = dz;
+          m.dZT[(b * out + j)] = dz;
+        }
+      }
+      // dW_l[i][j] += sum_b A_in[i][b] dZ[j][b]  (vectorized over j)
+      double* dWl = m.dW + m.w_off[2 * l];
+      for (int i = 0; i < in; ++i) {
+        for (int j = 0; j < out; ++j) accw[j] = T(0);
+        const T* ai = A_in + i * kB;
+        for (int b = 0; b < kB; ++b) {
+          const T x = ai[b];
+          const T* dzb = m.dZT + b * out;
+          for (int j = 0; j < out; ++j) accw[j] += x * dzb[j];
+        }
+        for (int j = 0; j < out; ++j) dWl[i * out + j] += static_cast<double>(accw[j]);
+      }
+      double* dbl = m.dW + m.w_off[2 * l + 1];
+      for (int j = 0; j < out; ++j) {
+        T sacc = T(0);
+        for (int b = 0; b < kB; ++b) sacc += m.dZ[(j * kB + b)];
+        dbl[j] += static_cast<double>(sacc);
+        if (l == 0) m.db0[j] += static_cast<double>(sacc);
+      }
+      // dA_in[i][b] = sum_j W[i][j] dZ[j][b]
+      for (int i = 0; i < in; ++i) {
+        T acc[kB];
+        for (int b = 0; b < kB; ++b) acc[b] = T(0);
+        for (int j = 0; j < out; ++j) {
+          const T wij = Wl[i * out + j];
+          const T* dzj = m.dZ + j * kB;
+          for (int b = 0; b < kB; ++b) acc[b] += wij * dzj[b];
+        }
+        for (int b = 0; b < kB; ++b) m.dA[(i * kB + b)] = acc[b];
+      }
+    }
+  }
+};
+
 template <typename T>
 void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cfg) {
   const size_t nt = a.numels.size();
@@ -339,7 +444,8 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
     std::vector<T> dZT(static_cast<size_t>(max_w * kB));
     std::vector<MsgElem<T>> els(kB);
     int64_t idx[kB];
-    T accw[kMaxWidth];
+    std::vector<T*> act_ptrs(static_cast<size_t>(L));
+    for (int l = 0; l < L; ++l) act_ptrs[static_cast<size_t>(l)] = act[static_cast<size_t>(l)].data();
 
     for (int64_t ti = t_begin; ti < t_end; ++ti) {
       const Tile& tl = tiles[static_cast<size_t>(ti)];
@@ -360,7 +466,9 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
         continue;
       }
       const MsgTensor<T> v = w.view();
-      const T* b0eff = w.b0eff.data();
+      const MlpBatch<T> mb{L, n_elem, a.widths.data(), W.data(), bias.data(), w.b0eff.data(),
+                           X.data(), act_ptrs.data(), dA.data(), dZ.data(), dZT.data(), dW,
+                           w_off.data(), pp + pl.off_db0()};
       for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
         for (int64_t eb = e0; eb < e1; eb += kB) {
           const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
@@ -375,30 +483,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
           }
           for (int b = nb; b < kB; ++b)
             for (int i = 0; i < n_elem; ++i) X[static_cast<size_t>(i * kB + b)] = T(0);
-          // -- MLP forward --
-          for (int l = 0; l < L; ++l) {
-            const int in = (l == 0) ? n_elem : static_cast<int>(a.widths[l]);
-            const int out = static_cast<int>(a.widths[l + 1]);
-            const T* A_in = (l == 0) ? X.data() : act[static_cast<size_t>(l - 1)].data();
-            const T* bl = (l == 0) ? b0eff : bias[l];
-            const T* Wl = W[l];
-            T* Z = act[static_cast<size_t>(l)].data();
-            const bool relu = l < L - 1;
-            for (int j = 0; j < out; ++j) {
-              T acc[kB];
-              for (int b = 0; b < kB; ++b) acc[b] = bl[j];
-              for (int i = 0; i < in; ++i) {
-                const T wij = Wl[i * out + j];
-                const T* xi = A_in + i * kB;
-                for (int b = 0; b < kB; ++b) acc[b] += wij * xi[b];
-              }
-              if (relu) {
-                for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b] > T(0) ? acc[b] : T(0);
-              } else {
-                for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b];
-              }
-            }
-          }
+          cpu::run_loop<MlpForwardK<T>>(&mb);
           // -- the step's cotangents on (d, a) --
           const T* outp = act[static_cast<size_t>(L - 1)].data();
           for (int b = 0; b < kB; ++b) {
@@ -416,53 +501,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
             dA[static_cast<size_t>(b)] = dd;
             dA[static_cast<size_t>(kB + b)] = da;
           }
-          // -- backward through the MLP --
-          for (int l = L - 1; l >= 0; --l) {
-            const int in = (l == 0) ? n_elem : static_cast<int>(a.widths[l]);
-            const int out = static_cast<int>(a.widths[l + 1]);
-            const T* A_in = (l == 0) ? X.data() : act[static_cast<size_t>(l - 1)].data();
-            const T* Wl = W[l];
-            const T* Z = act[static_cast<size_t>(l)].data();
-            // dZ = dA (masked by the ReLU for hidden layers); also its transpose.
-            for (int j = 0; j < out; ++j) {
-              for (int b = 0; b < kB; ++b) {
-                const T x = dA[static_cast<size_t>(j * kB + b)];
-                const T dz = (l < L - 1) ? (Z[j * kB + b] > T(0) ? x : T(0)) : x;
-                dZ[static_cast<size_t>(j * kB + b)] = dz;
-                dZT[static_cast<size_t>(b * out + j)] = dz;
-              }
-            }
-            // dW_l[i][j] += sum_b A_in[i][b] dZ[j][b]  (vectorized over j)
-            double* dWl = dW + w_off[2 * l];
-            for (int i = 0; i < in; ++i) {
-              for (int j = 0; j < out; ++j) accw[j] = T(0);
-              const T* ai = A_in + i * kB;
-              for (int b = 0; b < kB; ++b) {
-                const T x = ai[b];
-                const T* dzb = dZT.data() + b * out;
-                for (int j = 0; j < out; ++j) accw[j] += x * dzb[j];
-              }
-              for (int j = 0; j < out; ++j) dWl[i * out + j] += static_cast<double>(accw[j]);
-            }
-            double* dbl = dW + w_off[2 * l + 1];
-            for (int j = 0; j < out; ++j) {
-              T sacc = T(0);
-              for (int b = 0; b < kB; ++b) sacc += dZ[static_cast<size_t>(j * kB + b)];
-              dbl[j] += static_cast<double>(sacc);
-              if (l == 0) pp[pl.off_db0() + j] += static_cast<double>(sacc);
-            }
-            // dA_in[i][b] = sum_j W[i][j] dZ[j][b]
-            for (int i = 0; i < in; ++i) {
-              T acc[kB];
-              for (int b = 0; b < kB; ++b) acc[b] = T(0);
-              for (int j = 0; j < out; ++j) {
-                const T wij = Wl[i * out + j];
-                const T* dzj = dZ.data() + j * kB;
-                for (int b = 0; b < kB; ++b) acc[b] += wij * dzj[b];
-              }
-              for (int b = 0; b < kB; ++b) dA[static_cast<size_t>(i * kB + b)] = acc[b];
-            }
-          }
+          cpu::run_loop<MlpBackwardK<T>>(&mb);
           // -- epilogue: local input gradients and the reductions --
           const int base_fm = N + 2 + F;
           const int base_row = N + 2 + F * (sc.fmi >= 0 ? 2 : 1);
