@@ -302,8 +302,35 @@ def _backward(ctx, d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols, d_steps):
     for lst, ref in zip((d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols), outs_ref):
         lst = list(lst) if lst is not None else [None] * n
         cts.append([torch.zeros_like(r) if c is None else c for c, r in zip(lst, ref)])
-    d_in, d_w, d_dec, d_lr = _run_backward(lists, weights, decays, hp, cts)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        d_in, d_w, d_dec, d_lr = _backward_differentiable(lists, weights, decays, hp, cts)
+    else:
+        d_in, d_w, d_dec, d_lr = _run_backward(lists, weights, decays, hp, cts)
     return (*d_in, [None] * n, d_w, d_dec, *tail, d_lr, None)
+
+
+def _backward_differentiable(lists, weights, decays, hp, cts):
+    """Autograd over the reference with ``create_graph=True``: the fused kernel's
+    results are not differentiable, so higher-order gradients take this path."""
+    outs = mlp_update_functional(*lists, weights, decays, hp)
+    flat_out = [t for lst in outs[:5] for t in lst]
+    flat_ct = [c for lst in cts for c in lst]
+    pairs = [(o, c) for o, c in zip(flat_out, flat_ct) if o.requires_grad]
+    wrt = [t for lst in lists[:6] for t in lst] + list(weights) + [decays]
+    if hp.lr_t is not None:
+        wrt.append(hp.lr_t)
+    need = [t for t in wrt if t.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], need, [c for _, c in pairs],
+                              create_graph=True, allow_unused=True) if pairs and need else []
+    by_id = {id(t): g for t, g in zip(need, got)}
+    gs = [by_id.get(id(t)) for t in wrt]
+    gs = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, gs)]
+    n = len(lists[0])
+    d_in = tuple(gs[k * n:(k + 1) * n] for k in range(6))
+    rest = gs[6 * n:]
+    d_w, d_dec = rest[:len(weights)], rest[len(weights)]
+    d_lr = rest[len(weights) + 1] if hp.lr_t is not None else None
+    return d_in, d_w, d_dec, d_lr
 
 
 _mlp_step_op.register_autograd(_backward, setup_context=_setup_context)
