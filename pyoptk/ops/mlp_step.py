@@ -292,7 +292,8 @@ def _backward(ctx, d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols, d_steps):
     s = list(ctx.scalars)
     s[12] = lr_t
     hp = _hyper(*s)
-    tail = [None] * 12  # n_mom … lr
+    tail = [None] * 12  # n_mom … lr; an empty timescales list is a (leafless) list node
+    tail[5] = [] if len(s[5]) == 0 else None
     if n == 0:
         return ([], [], [], [], [], [], [], [torch.zeros_like(w) for w in weights],
                 torch.zeros_like(decays), *tail, None if lr_t is None else
