@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -147,16 +147,9 @@ def native_decline_reason(params: Sequence[Tensor], weights: Sequence[Tensor],
     return None
 
 
-class _Declined(Exception):
-    pass
-
-
 @register_backend(BACKWARD_OP, "cpu")
 def _mlp_step_backward_cpu(inputs, weights, decays, hp: MLPUpdateHyper, cotangents):
     params, grads, moms, rmss, fac_rows, fac_cols, steps = inputs
-    why = native_decline_reason(params, weights, hp)
-    if why is not None:
-        raise _Declined(why)
     pdtype = params[0].dtype
     ct = torch.promote_types(pdtype, torch.float32)
     # bf16/fp16 params: the reference casts p and g to fp32 first (and the new param
@@ -206,7 +199,9 @@ def _warn_once(key, msg: str) -> None:
     warnings.warn(msg, SlowPathWarning, stacklevel=3)
 
 
-def _run_backward(inputs, weights, decays, hp, cotangents):
+def _choose_backward(inputs, weights, hp) -> Callable:
+    """The backward implementation for this call (warning once when it is the slow
+    reference): the native kernel where it runs, else autograd over the reference."""
     device = inputs[0][0].device
     chosen = get_backend()
     if chosen not in ("auto", "cpu", "torch"):
@@ -216,20 +211,19 @@ def _run_backward(inputs, weights, decays, hp, cotangents):
     else:
         fn = implementation(BACKWARD_OP, device.type)
     if fn is _mlp_step_backward_cpu:
-        try:
-            return fn(inputs, weights, decays, hp, cotangents)
-        except _Declined as exc:
-            _warn_once(("declined", str(exc)),
-                       f"pyoptk::{BACKWARD_OP}: the native CPU backward does not support "
-                       f"{exc}; autograd over the PyTorch reference runs instead (slower, "
-                       "more memory).")
-            fn = mlp_step_backward_reference
-    elif chosen == "auto" and device.type != "cpu":
+        why = native_decline_reason(inputs[0], weights, hp)
+        if why is None:
+            return fn
+        _warn_once(("declined", why),
+                   f"pyoptk::{BACKWARD_OP}: the native CPU backward does not support {why}; "
+                   "autograd over the PyTorch reference runs instead (slower, more memory).")
+        return mlp_step_backward_reference
+    if chosen == "auto" and device.type != "cpu":
         _warn_once(("device", device.type),
                    f"pyoptk::{BACKWARD_OP} on {device.type} runs autograd over the PyTorch "
                    "reference (no fused backward kernel for this device yet): slower and "
                    "more memory than the CPU kernel.")
-    return fn(inputs, weights, decays, hp, cotangents)
+    return fn
 
 
 # ----------------------------------------------------------------------------------
@@ -269,6 +263,48 @@ def _(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, n_m
                  for lst in (params, moms, rmss, fac_rows, fac_cols, steps))
 
 
+@torch.library.custom_op("pyoptk::mlp_step_backward", mutates_args=())
+def _mlp_step_backward_op(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
+                          rmss: List[Tensor], fac_rows: List[Tensor], fac_cols: List[Tensor],
+                          steps: List[Tensor], d_params: List[Tensor], d_moms: List[Tensor],
+                          d_rmss: List[Tensor], d_fac_rows: List[Tensor],
+                          d_fac_cols: List[Tensor], weights: List[Tensor], decays: Tensor,
+                          n_mom: int, n_rms: int, n_fac: int, fac_mom_index: int,
+                          log_sign_k: float, timescales: List[float], eps: float,
+                          norm_eps: float, fac_eps: float, exp_mult: float, step_mult: float,
+                          lr: float, lr_t: Optional[Tensor], weight_decay: float
+                          ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor],
+                                     List[Tensor], List[Tensor], List[Tensor], Tensor, Tensor]:
+    """The step's input gradients from its output cotangents (opaque to tracing, so the
+    forward op's backward can be captured by AOT autograd / torch.compile). Returns the
+    gradients of params, grads, moms, rmss, fac_rows, fac_cols, weights, decays and lr_t
+    (an empty tensor when ``lr_t`` is None)."""
+    hp = _hyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps,
+                fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay)
+    inputs = [params, grads, moms, rmss, fac_rows, fac_cols, steps]
+    cts = [d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols]
+    fn = _choose_backward(inputs, weights, hp) if params else mlp_step_backward_reference
+    if fn is not _mlp_step_backward_cpu:
+        # Autograd does not run below the Autograd dispatch key, where this runs: the
+        # reference backward is called by the autograd formula itself (_backward).
+        raise RuntimeError("pyoptk::mlp_step_backward runs the native kernel only; the "
+                           "reference backward is pyoptk.ops.mlp_step.mlp_step_backward_reference")
+    d_in, d_w, d_dec, d_lr = fn(inputs, weights, decays, hp, cts)
+    if d_lr is None:
+        d_lr = decays.new_zeros(0)
+    return (*d_in, d_w, d_dec, d_lr)
+
+
+@_mlp_step_backward_op.register_fake
+def _(params, grads, moms, rmss, fac_rows, fac_cols, steps, d_params, d_moms, d_rmss,
+      d_fac_rows, d_fac_cols, weights, decays, n_mom, n_rms, n_fac, fac_mom_index, log_sign_k,
+      timescales, eps, norm_eps, fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay):
+    d_in = [[torch.empty_like(t) for t in lst]
+            for lst in (params, grads, moms, rmss, fac_rows, fac_cols)]
+    d_lr = torch.empty_like(lr_t) if lr_t is not None else decays.new_empty(0)
+    return (*d_in, [torch.empty_like(w) for w in weights], torch.empty_like(decays), d_lr)
+
+
 def _setup_context(ctx, inputs, output):
     (params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, *scalars) = inputs
     lr_t = scalars[12]
@@ -305,14 +341,29 @@ def _backward(ctx, d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols, d_steps):
         cts.append([torch.zeros_like(r) if c is None else c for c, r in zip(lst, ref)])
     if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
         d_in, d_w, d_dec, d_lr = _backward_differentiable(lists, weights, decays, hp, cts)
+    elif _choose_backward(lists, weights, hp) is _mlp_step_backward_cpu:
+        res = torch.ops.pyoptk.mlp_step_backward(*lists, *cts, weights, decays, *s)
+        d_in, d_w, d_dec = res[:6], res[6], res[7]
+        d_lr = res[8] if lr_t is not None else None
     else:
-        d_in, d_w, d_dec, d_lr = _run_backward(lists, weights, decays, hp, cts)
+        d_in, d_w, d_dec, d_lr = mlp_step_backward_reference(lists, weights, decays, hp, cts)
     return (*d_in, [None] * n, d_w, d_dec, *tail, d_lr, None)
 
 
 def _backward_differentiable(lists, weights, decays, hp, cts):
     """Autograd over the reference with ``create_graph=True``: the fused kernel's
-    results are not differentiable, so higher-order gradients take this path."""
+    results are not differentiable, so higher-order gradients take this path.
+
+    The forward is recomputed on aliases (``view_as``) of the inputs, so the gradient
+    with respect to each input is its *local* partial: an input that itself depends on
+    another (a param produced from the weights by the previous step) does not also pick
+    up the path through that dependency, which autograd adds once, upstream."""
+    alias = lambda t: t.view_as(t) if t.requires_grad else t  # noqa: E731
+    lists = [[alias(t) for t in lst] for lst in lists[:6]] + [lists[6]]
+    weights = [alias(w) for w in weights]
+    decays = alias(decays)
+    if hp.lr_t is not None:
+        hp = _replace_lr(hp, alias(hp.lr_t))
     outs = mlp_update_functional(*lists, weights, decays, hp)
     flat_out = [t for lst in outs[:5] for t in lst]
     flat_ct = [c for lst in cts for c in lst]
@@ -323,8 +374,8 @@ def _backward_differentiable(lists, weights, decays, hp, cts):
     need = [t for t in wrt if t.requires_grad]
     got = torch.autograd.grad([o for o, _ in pairs], need, [c for _, c in pairs],
                               create_graph=True, allow_unused=True) if pairs and need else []
-    by_id = {id(t): g for t, g in zip(need, got)}
-    gs = [by_id.get(id(t)) for t in wrt]
+    got = iter(got)
+    gs = [next(got) if t.requires_grad else None for t in wrt]
     gs = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, gs)]
     n = len(lists[0])
     d_in = tuple(gs[k * n:(k + 1) * n] for k in range(6))
