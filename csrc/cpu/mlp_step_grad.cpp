@@ -35,6 +35,7 @@ namespace {
 
 constexpr int kB = 32;                 // elements per micro-batch (SoA lanes)
 constexpr int kMaxWidth = 128;         // widest layer (Python declines wider)
+constexpr int kJB = 16;                // output columns per block of the weight-gradient sums
 constexpr int64_t kColBlock = 4096;    // columns per tile of a 2+ dim tensor
 constexpr int64_t kTileTarget = 65536; // elements per tile of a 2+ dim tensor
 constexpr int64_t kMaxRowGroups = 64;  // row groups per 2+ dim tensor (colpart slots)
@@ -160,7 +161,6 @@ template <typename T>
 struct MlpBackwardK {
   PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
     const MlpBatch<T>& m = *mp;
-    T accw[kMaxWidth];
     // -- backward through the MLP --
     for (int l = m.L - 1; l >= 0; --l) {
       const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
@@ -168,33 +168,44 @@ struct MlpBackwardK {
       const T* A_in = (l == 0) ? m.X : m.act[l - 1];
       const T* Wl = m.W[l];
       const T* Z = m.act[l];
-      // dZ = dA (masked by the ReLU for hidden layers); also its transpose.
+      // dZ = dA (masked by the ReLU for hidden layers); also its transpose dZT [b][op],
+      // zero-padded to a multiple of kJB columns so the sums below vectorize over j.
+      const int op = (out + kJB - 1) / kJB * kJB;
       for (int j = 0; j < out; ++j) {
         for (int b = 0; b < kB; ++b) {
           const T x = m.dA[(j * kB + b)];
           const T dz = (l < m.L - 1) ? (Z[j * kB + b] > T(0) ? x : T(0)) : x;
           m.dZ[(j * kB + b)] = dz;
-          m.dZT[(b * out + j)] = dz;
+          m.dZT[(b * op + j)] = dz;
         }
       }
-      // dW_l[i][j] += sum_b A_in[i][b] dZ[j][b]  (vectorized over j)
+      for (int j = out; j < op; ++j)
+        for (int b = 0; b < kB; ++b) m.dZT[(b * op + j)] = T(0);
+      // db_l[j] += sum_b dZ[j][b];  dW_l[i][j] += sum_b A_in[i][b] dZ[j][b]
       double* dWl = m.dW + m.w_off[2 * l];
-      for (int i = 0; i < in; ++i) {
-        for (int j = 0; j < out; ++j) accw[j] = T(0);
-        const T* ai = A_in + i * kB;
-        for (int b = 0; b < kB; ++b) {
-          const T x = ai[b];
-          const T* dzb = m.dZT + b * out;
-          for (int j = 0; j < out; ++j) accw[j] += x * dzb[j];
-        }
-        for (int j = 0; j < out; ++j) dWl[i * out + j] += static_cast<double>(accw[j]);
-      }
       double* dbl = m.dW + m.w_off[2 * l + 1];
-      for (int j = 0; j < out; ++j) {
-        T sacc = T(0);
-        for (int b = 0; b < kB; ++b) sacc += m.dZ[(j * kB + b)];
-        dbl[j] += static_cast<double>(sacc);
-        if (l == 0) m.db0[j] += static_cast<double>(sacc);
+      for (int j0 = 0; j0 < op; j0 += kJB) {
+        const int nj = std::min(kJB, out - j0);
+        T acc[kJB];
+        for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
+        for (int b = 0; b < kB; ++b) {
+          const T* d = m.dZT + b * op + j0;
+          for (int jj = 0; jj < kJB; ++jj) acc[jj] += d[jj];
+        }
+        for (int jj = 0; jj < nj; ++jj) {
+          dbl[j0 + jj] += static_cast<double>(acc[jj]);
+          if (l == 0) m.db0[j0 + jj] += static_cast<double>(acc[jj]);
+        }
+        for (int i = 0; i < in; ++i) {
+          const T* ai = A_in + i * kB;
+          for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
+          for (int b = 0; b < kB; ++b) {
+            const T x = ai[b];
+            const T* d = m.dZT + b * op + j0;
+            for (int jj = 0; jj < kJB; ++jj) acc[jj] += x * d[jj];
+          }
+          for (int jj = 0; jj < nj; ++jj) dWl[i * out + j0 + jj] += static_cast<double>(acc[jj]);
+        }
       }
       // dA_in[i][b] = sum_j W[i][j] dZ[j][b]
       for (int i = 0; i < in; ++i) {
@@ -441,9 +452,9 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
     std::vector<std::vector<T>> act(static_cast<size_t>(L));
     for (int l = 0; l < L; ++l) act[static_cast<size_t>(l)].assign(static_cast<size_t>(a.widths[l + 1] * kB), T(0));
     std::vector<T> dA(static_cast<size_t>(max_w * kB)), dZ(static_cast<size_t>(max_w * kB));
-    std::vector<T> dZT(static_cast<size_t>(max_w * kB));
+    std::vector<T> dZT(static_cast<size_t>((max_w + kJB - 1) / kJB * kJB * kB));
     std::vector<MsgElem<T>> els(kB);
-    int64_t idx[kB];
+    int64_t idx[kB], rr[kB], cc[kB];
     std::vector<T*> act_ptrs(static_cast<size_t>(L));
     for (int l = 0; l < L; ++l) act_ptrs[static_cast<size_t>(l)] = act[static_cast<size_t>(l)].data();
 
@@ -470,15 +481,21 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
                            X.data(), act_ptrs.data(), dA.data(), dZ.data(), dZT.data(), dW,
                            w_off.data(), pp + pl.off_db0()};
       for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
+        int64_t r = e0 / w.cols, c = e0 - r * w.cols;  // (row, col) of e, stepped below
         for (int64_t eb = e0; eb < e1; eb += kB) {
           const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
           // -- features --
           for (int b = 0; b < nb; ++b) {
             const int64_t e = eb + b;
             idx[b] = e;
-            const int64_t r = e / w.cols, c = e - r * w.cols;
+            rr[b] = r;
+            cc[b] = c;
+            if (++c == w.cols) {
+              c = 0;
+              ++r;
+            }
             msg_recompute_planes(sc, v, e, els[static_cast<size_t>(b)]);
-            msg_recompute_factored(sc, v, e, r, c, els[static_cast<size_t>(b)]);
+            msg_recompute_factored(sc, v, e, rr[b], cc[b], els[static_cast<size_t>(b)]);
             msg_features(sc, v, els[static_cast<size_t>(b)], X.data() + b, kB);
           }
           for (int b = nb; b < kB; ++b)
@@ -509,7 +526,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
           for (int b = 0; b < nb; ++b) {
             const MsgElem<T>& el = els[static_cast<size_t>(b)];
             const int64_t e = idx[b];
-            const int64_t r = e / w.cols, c = e - r * w.cols;
+            const int64_t r = rr[b], c = cc[b];
             const T* dx = dA.data() + b;  // stride kB
             T dP[kMsgMaxPlanes];
             for (int i = 0; i < N; ++i) dP[i] = dx[i * kB];
