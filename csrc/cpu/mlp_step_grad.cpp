@@ -33,7 +33,7 @@
 namespace pyoptk {
 namespace {
 
-constexpr int kB = 32;                 // elements per micro-batch (SoA lanes)
+constexpr int kB = 64;                 // elements per micro-batch (SoA lanes)
 constexpr int kMaxWidth = 128;         // widest layer (Python declines wider)
 constexpr int kJB = 16;                // output columns per block of the weight-gradient sums
 constexpr int64_t kColBlock = 4096;    // columns per tile of a 2+ dim tensor

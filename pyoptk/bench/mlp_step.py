@@ -3,9 +3,10 @@
 ``mlp_update_functional`` (what meta-training used before), on CPU.
 
 Each (layout, candidate) runs in its own subprocess so that its peak resident memory
-(``ru_maxrss``) is its own: the table shows the median time of one forward+backward
-(all output cotangents random, gradients w.r.t. params, grads, state, meta-parameters
-and a tensor lr), the peak RSS and the peak above the RSS after setup ("step").
+(``ru_maxrss``) is its own: the table shows median times of the forward, the backward
+(all output cotangents ones; gradients w.r.t. params, grads, state, meta-parameters and
+a tensor lr) and their sum, the peak RSS, the peak above the RSS after setup ("step")
+and the RSS the autograd graph holds between forward and backward ("held").
 
     python -m pyoptk.bench.mlp_step [--layouts flat-1m resnet50] [--reps 5] [--threads 2]
 """
@@ -54,22 +55,33 @@ def _run_one(layout: str, candidate: str, reps: int, threads: int) -> Dict[str, 
     leaves = [t.requires_grad_(True) for t in params + grads]
     step_fn = mlp_step if candidate == "fused" else mlp_update_functional
 
-    def once():
+    def forward():
         out = step_fn(params, grads, st.mom, st.rms, st.fac_row, st.fac_col, st.step,
                       weights, decays, hp)
-        outs = [t for lst in out[:5] for t in lst if t.requires_grad]
-        cts = [torch.ones_like(t) for t in outs]
-        torch.autograd.grad(outs, leaves + weights + [lr], cts, allow_unused=True)
+        return [t for lst in out[:5] for t in lst if t.requires_grad]
+
+    def backward(outs):
+        torch.autograd.grad(outs, leaves + weights + [lr], [torch.ones_like(t) for t in outs],
+                            allow_unused=True)
 
     base = _rss_mb()
-    once()  # warm-up (and the peak: every call allocates the same)
-    times = []
+    backward(forward())  # warm-up
+    fwd, bwd, held = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        once()
-        times.append((time.perf_counter() - t0) * 1e3)
+        outs = forward()
+        t1 = time.perf_counter()
+        held.append(_rss_mb() - base)  # what the graph keeps between forward and backward
+        backward(outs)
+        t2 = time.perf_counter()
+        del outs
+        fwd.append((t1 - t0) * 1e3)
+        bwd.append((t2 - t1) * 1e3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_ms": statistics.median(times), "peak_mb": peak, "step_mb": peak - base}
+    tot = [a + b for a, b in zip(fwd, bwd)]
+    return {"median_ms": statistics.median(tot), "fwd_ms": statistics.median(fwd),
+            "bwd_ms": statistics.median(bwd), "peak_mb": peak, "step_mb": peak - base,
+            "held_mb": statistics.median(held)}
 
 
 def main(argv: List[str] = None) -> None:
@@ -83,7 +95,8 @@ def main(argv: List[str] = None) -> None:
         print(json.dumps(_run_one(args.one[0], args.one[1], args.reps, args.threads)))
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    print(f"{'layout':<10} {'candidate':<10} {'median ms':>10} {'peak MB':>9} {'step MB':>9}")
+    print(f"{'layout':<10} {'candidate':<10} {'fwd+bwd ms':>10} {'fwd ms':>8} {'bwd ms':>8} "
+          f"{'peak MB':>8} {'step MB':>8} {'held MB':>8}")
     for layout in args.layouts:
         res = {}
         for cand in CANDIDATES:
@@ -94,11 +107,14 @@ def main(argv: List[str] = None) -> None:
                 raise RuntimeError(out.stderr)
             res[cand] = json.loads(out.stdout.strip().splitlines()[-1])
             r = res[cand]
-            print(f"{layout:<10} {cand:<10} {r['median_ms']:>10.1f} {r['peak_mb']:>9.0f} "
-                  f"{r['step_mb']:>9.0f}")
+            print(f"{layout:<10} {cand:<10} {r['median_ms']:>10.1f} {r['fwd_ms']:>8.1f} "
+                  f"{r['bwd_ms']:>8.1f} {r['peak_mb']:>8.0f} {r['step_mb']:>8.0f} "
+                  f"{r['held_mb']:>8.0f}")
         f, r = res["fused"], res["reference"]
-        print(f"{layout:<10} {'ratio':<10} {r['median_ms'] / f['median_ms']:>9.2f}x "
-              f"{r['peak_mb'] / f['peak_mb']:>8.2f}x {r['step_mb'] / max(f['step_mb'], 1):>8.2f}x")
+        q = lambda k: r[k] / max(f[k], 1e-9)  # noqa: E731
+        print(f"{layout:<10} {'ref/fused':<10} {q('median_ms'):>9.2f}x {q('fwd_ms'):>7.2f}x "
+              f"{q('bwd_ms'):>7.2f}x {q('peak_mb'):>7.2f}x {q('step_mb'):>7.2f}x "
+              f"{r['held_mb'] / max(f['held_mb'], 1):>7.2f}x")
 
 
 if __name__ == "__main__":
