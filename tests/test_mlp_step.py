@@ -400,3 +400,31 @@ def test_bad_steps_dtype():
 def test_empty_lists():
     inputs, weights, decays, hp = make_case([], dtype=torch.float32)
     assert mlp_step(*inputs, weights, decays, hp) == ([], [], [], [], [], [])
+
+
+_THREADS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_mlp_step import make_case, _grads
+from pyoptk.ops import mlp_step
+inputs, weights, decays, hp = make_case([(300, 70), (20000,), (3, 5000)], dtype=torch.float32)
+torch.save(_grads(inputs, weights, decays, hp, mlp_step), {out!r})
+"""
+
+
+@needs_native
+def test_backward_does_not_depend_on_thread_count(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = str(pathlib.Path(__file__).parent)
+    res = []
+    for threads in (1, 2):
+        out = str(tmp_path / f"g{threads}.pt")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(tests=tests, out=out)],
+                       env=env, check=True)
+        res.append(torch.load(out))
+    assert all(torch.equal(a, b) for a, b in zip(*res))
