@@ -164,7 +164,7 @@ def _grads(inputs, weights, decays, hp, step_fn, cts_seed=5):
     fn, leaves = flat_fn(inputs, weights, decays, hp, step_fn)
     outs = fn(*leaves)
     gen = torch.Generator().manual_seed(cts_seed)
-    cts = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    cts = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
     need = [x for x in leaves if x.requires_grad]  # (empty tensors do not)
     got = iter(torch.autograd.grad([o for o in outs if o.requires_grad], need,
                                    [c for o, c in zip(outs, cts) if o.requires_grad],
@@ -428,3 +428,19 @@ def test_backward_does_not_depend_on_thread_count(tmp_path):
                        env=env, check=True)
         res.append(torch.load(out))
     assert all(torch.equal(a, b) for a, b in zip(*res))
+
+
+@pytest.mark.gpu
+def test_cuda_backward_falls_back_to_reference_with_a_warning():
+    """CUDA has no fused backward yet: autograd over the reference, warned once, with
+    the CPU kernel's gradients."""
+    inputs, weights, decays, hp = make_case([(33, 65), (257,)], dtype=torch.float32)
+    cpu = _grads(inputs, weights, decays, hp, mlp_step)
+    dev = torch.device("cuda")
+    to = lambda t: t.to(dev)  # noqa: E731
+    g_inputs = [[to(t) for t in lst] for lst in inputs]
+    g_hp = mstep._replace_lr(hp, to(hp.lr_t))
+    mstep._warned.clear()
+    with pytest.warns(pyoptk.SlowPathWarning, match="mlp_step_backward on cuda"):
+        gpu = _grads(g_inputs, [to(w) for w in weights], to(decays), g_hp, mlp_step)
+    _compare([g.cpu() for g in gpu], cpu, 1e-4, 1e-3, "cuda grad")
