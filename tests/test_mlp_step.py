@@ -23,7 +23,10 @@ from helpers import assert_close
 mstep = importlib.import_module("pyoptk.ops.mlp_step")
 
 SMALL_SHAPES = [(), (3,), (1, 7), (4, 5), (2, 3, 4)]
-LARGE_SHAPES = [(33, 65), (257,), (5, 13, 7), (1, 4100), (4100, 1), (0,), (2, 0, 3)]
+# (33, 4097): 3 row groups x 2 column blocks in the kernel's tiling (partials combined
+# across tiles in both directions); (1, 4100): 2 column blocks; (4100, 1): one column.
+LARGE_SHAPES = [(33, 65), (257,), (5, 13, 7), (1, 4100), (4100, 1), (33, 4097), (0,),
+                (2, 0, 3)]
 NO_FAC_MOM_NO_TIME = MLPConfig(hidden_sizes=(5, 3), features=FeatureConfig(
     fac_momentum_decay=None, time_timescales=()))
 
@@ -407,7 +410,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from test_mlp_step import make_case, _grads
 from pyoptk.ops import mlp_step
-inputs, weights, decays, hp = make_case([(300, 70), (20000,), (3, 5000)], dtype=torch.float32)
+inputs, weights, decays, hp = make_case([(300, 70), (20000,), (33, 4097)], dtype=torch.float32)
 torch.save(_grads(inputs, weights, decays, hp, mlp_step), {out!r})
 """
 
