@@ -13,6 +13,8 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #ifdef PYOPTK_WITH_OPENMP
 #include <omp.h>
@@ -20,6 +22,7 @@
 
 #include "pyoptk/api.h"
 #include "pyoptk/common.h"
+#include "pyoptk/mlp_step_grad_math.h"
 
 namespace py = pybind11;
 using pyoptk::PtrList;
@@ -232,6 +235,75 @@ void check_mlp_update(const char* fn, const PtrList& params, const PtrList& grad
                                 "PYOPTK_CUDA=ON, or use the 'triton' or 'torch' backend");
 }
 #endif
+
+// mlp_step_grad_cpu: table lengths, widths, feature-config limits, null pointers.
+void check_mlp_step_grad(const pyoptk::MLPStepGradTensors& a,
+                         const pyoptk::MLPStepGradConfig& c) {
+  const char* fn = "mlp_step_grad_cpu";
+  const SizeList& numels = a.numels;
+  check_numels(fn, numels);
+  const size_t nt = numels.size();
+  check_len(fn, "rows", a.rows.size(), nt);
+  check_len(fn, "cols", a.cols.size(), nt);
+  check_len(fn, "factored", a.factored.size(), nt);
+  const std::pair<const char*, const PtrList*> per_elem[] = {
+      {"params", &a.params}, {"grads", &a.grads}, {"moms", &a.moms}, {"rmss", &a.rmss},
+      {"d_params_out", &a.d_params_out}, {"d_moms_out", &a.d_moms_out},
+      {"d_rmss_out", &a.d_rmss_out}, {"d_params", &a.d_params}, {"d_grads", &a.d_grads},
+      {"d_moms", &a.d_moms}, {"d_rmss", &a.d_rmss}};
+  for (const auto& pl : per_elem) check_ptrs(fn, pl.first, *pl.second, numels);
+  const std::pair<const char*, const PtrList*> per_tensor[] = {
+      {"fac_rows", &a.fac_rows}, {"fac_cols", &a.fac_cols}, {"steps", &a.steps},
+      {"d_fac_rows_out", &a.d_fac_rows_out}, {"d_fac_cols_out", &a.d_fac_cols_out},
+      {"d_fac_rows", &a.d_fac_rows}, {"d_fac_cols", &a.d_fac_cols}};
+  for (const auto& pl : per_tensor) check_len(fn, pl.first, pl.second->size(), nt);
+  for (size_t i = 0; i < nt; ++i) {
+    if (a.steps[i] == 0) bad(fn, "steps[" + std::to_string(i) + "] is a null pointer");
+    const bool fac = a.factored[i] != 0;
+    if (a.rows[i] < 0 || a.cols[i] < 0 || a.rows[i] * a.cols[i] != numels[i] ||
+        (!fac && a.rows[i] != 1)) {
+      bad(fn, "rows/cols of tensor " + std::to_string(i) + " do not match its numel");
+    }
+    const bool has_rows = c.n_fac > 0 && (fac ? a.rows[i] > 0 : numels[i] > 0);
+    if (has_rows && (a.fac_rows[i] == 0 || a.d_fac_rows_out[i] == 0 || a.d_fac_rows[i] == 0)) {
+      bad(fn, "fac_rows / their cotangents / gradients of tensor " + std::to_string(i) +
+                  " include a null pointer");
+    }
+    if (fac && c.n_fac > 0 && a.cols[i] > 0 &&
+        (a.fac_cols[i] == 0 || a.d_fac_cols_out[i] == 0 || a.d_fac_cols[i] == 0)) {
+      bad(fn, "fac_cols / their cotangents / gradients of tensor " + std::to_string(i) +
+                  " include a null pointer");
+    }
+  }
+  if (c.n_mom < 0 || c.n_mom > pyoptk::kMsgMaxMom || c.n_rms < 0 ||
+      c.n_rms > pyoptk::kMsgMaxRms || c.n_fac < 0 || c.n_fac > pyoptk::kMsgMaxFac) {
+    bad(fn, "n_mom/n_rms/n_fac must be at most " + std::to_string(pyoptk::kMsgMaxMom) + "/" +
+                std::to_string(pyoptk::kMsgMaxRms) + "/" + std::to_string(pyoptk::kMsgMaxFac));
+  }
+  if (c.fac_mom_index < -1 || c.fac_mom_index >= c.n_mom) {
+    bad(fn, "fac_mom_index must be -1 or in [0, n_mom)");
+  }
+  const int64_t n_elem = 2 + c.n_mom + c.n_rms + c.n_mom * c.n_rms + c.n_rms + 2 +
+                         c.n_fac * (3 + (c.fac_mom_index >= 0 ? 1 : 0));
+  const size_t L = a.widths.size();
+  if (L < 2 || a.widths[0] != n_elem + static_cast<int64_t>(c.timescales.size()) ||
+      a.widths[L - 1] != 2) {
+    bad(fn, "widths must be (n_features, hidden..., 2) with n_features = " +
+                std::to_string(n_elem + static_cast<int64_t>(c.timescales.size())));
+  }
+  for (size_t l = 1; l < L; ++l) {
+    if (a.widths[l] < 1 || a.widths[l] > 128) bad(fn, "layer widths must be in [1, 128]");
+  }
+  check_len(fn, "weights", a.weights.size(), 2 * (L - 1));
+  check_len(fn, "d_weights", a.d_weights.size(), 2 * (L - 1));
+  for (size_t i = 0; i < a.weights.size(); ++i) {
+    if (a.weights[i] == 0 || a.d_weights[i] == 0) bad(fn, "weights include a null pointer");
+  }
+  if (c.n_mom + c.n_rms + c.n_fac > 0) {
+    check_nonnull(fn, "decays", a.decays);
+    check_nonnull(fn, "d_decays", a.d_decays);
+  }
+}
 
 std::string fmt(double x) { return py::repr(py::float_(x)).cast<std::string>(); }
 std::string fmt(bool x) { return x ? "True" : "False"; }
@@ -612,4 +684,71 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("grads"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("stream"),
       "Gradient centralization on CUDA tensors (one launch per <=1024 tensors).");
+
+  // ---- differentiable learned-MLP step: fused backward ------------------------------------
+  using pyoptk::MLPStepGradConfig;
+  py::class_<MLPStepGradConfig>(m, "MLPStepGradConfig",
+                                "Constants of one mlp_step_grad_cpu call.")
+      .def(py::init([](int n_mom, int n_rms, int n_fac, int fac_mom_index, double log_sign_k,
+                       std::vector<double> timescales, double eps, double norm_eps,
+                       double fac_eps, double exp_mult, double step_mult, double lr,
+                       uintptr_t lr_ptr, double weight_decay, bool double_precision) {
+             MLPStepGradConfig c;
+             c.n_mom = n_mom;
+             c.n_rms = n_rms;
+             c.n_fac = n_fac;
+             c.fac_mom_index = fac_mom_index;
+             c.log_sign_k = log_sign_k;
+             c.timescales = std::move(timescales);
+             c.eps = eps;
+             c.norm_eps = norm_eps;
+             c.fac_eps = fac_eps;
+             c.exp_mult = exp_mult;
+             c.step_mult = step_mult;
+             c.lr = lr;
+             c.lr_ptr = lr_ptr;
+             c.weight_decay = weight_decay;
+             c.double_precision = double_precision;
+             return c;
+           }),
+           py::kw_only(), py::arg("n_mom"), py::arg("n_rms"), py::arg("n_fac"),
+           py::arg("fac_mom_index"), py::arg("log_sign_k"), py::arg("timescales"),
+           py::arg("eps"), py::arg("norm_eps"), py::arg("fac_eps"), py::arg("exp_mult"),
+           py::arg("step_mult"), py::arg("lr"), py::arg("lr_ptr") = 0,
+           py::arg("weight_decay") = 0.0, py::arg("double_precision") = false)
+      .def_readonly("n_mom", &MLPStepGradConfig::n_mom)
+      .def_readonly("double_precision", &MLPStepGradConfig::double_precision);
+  m.def(
+      "mlp_step_grad_cpu",
+      [](const PtrList& params, const PtrList& grads, const PtrList& moms, const PtrList& rmss,
+         const PtrList& fac_rows, const PtrList& fac_cols, const PtrList& steps,
+         const PtrList& d_params_out, const PtrList& d_moms_out, const PtrList& d_rmss_out,
+         const PtrList& d_fac_rows_out, const PtrList& d_fac_cols_out, const PtrList& d_params,
+         const PtrList& d_grads, const PtrList& d_moms, const PtrList& d_rmss,
+         const PtrList& d_fac_rows, const PtrList& d_fac_cols, const SizeList& numels,
+         const SizeList& rows, const SizeList& cols, const std::vector<bool>& factored,
+         const PtrList& weights, const SizeList& widths, uintptr_t decays,
+         const PtrList& d_weights, uintptr_t d_decays, uintptr_t d_lr,
+         const MLPStepGradConfig& cfg) {
+        pyoptk::MLPStepGradTensors a{params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                     d_params_out, d_moms_out, d_rmss_out, d_fac_rows_out,
+                                     d_fac_cols_out, d_params, d_grads, d_moms, d_rmss,
+                                     d_fac_rows, d_fac_cols, numels, rows, cols, {},
+                                     weights, widths, decays, d_weights, d_decays, d_lr};
+        a.factored.assign(factored.begin(), factored.end());
+        check_mlp_step_grad(a, cfg);
+        if (cfg.lr_ptr == 0 && d_lr != 0) bad("mlp_step_grad_cpu", "d_lr needs lr_ptr");
+        py::gil_scoped_release nogil;
+        pyoptk::mlp_step_grad_cpu(a, cfg);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("moms"), py::arg("rmss"),
+      py::arg("fac_rows"), py::arg("fac_cols"), py::arg("steps"), py::arg("d_params_out"),
+      py::arg("d_moms_out"), py::arg("d_rmss_out"), py::arg("d_fac_rows_out"),
+      py::arg("d_fac_cols_out"), py::arg("d_params"), py::arg("d_grads"), py::arg("d_moms"),
+      py::arg("d_rmss"), py::arg("d_fac_rows"), py::arg("d_fac_cols"), py::arg("numels"),
+      py::arg("rows"), py::arg("cols"), py::arg("factored"), py::arg("weights"),
+      py::arg("widths"), py::arg("decays"), py::arg("d_weights"), py::arg("d_decays"),
+      py::arg("d_lr"), py::arg("cfg"),
+      "Input gradients of the learned-MLP step from its output cotangents (CPU, float32 or "
+      "float64; recomputes the forward, three passes, deterministic).");
 }

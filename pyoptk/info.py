@@ -13,7 +13,7 @@ from pyoptk import _backend
 from pyoptk._native import native_load_error, native_or_none
 
 OPS = ("adamw_", "lamb_", "clip_grad_norm_", "grad_norm", "centralize_gradients_",
-       "mlp_update_")
+       "mlp_update_", "mlp_step_backward")
 
 
 def report() -> str:

@@ -48,8 +48,9 @@ def clone(params, state):
                                         time_timescales=()), hidden_sizes=(4, 4, 4))],
                          ids=["default", "small", "learn_decays", "minimal"])
 def test_op_equals_functional_bitwise(config):
-    # The 'torch' backend runs the functional update itself; the native backends are
-    # compared with it within tolerance (tests/test_native_mlp_update.py).
+    # The 'torch' backend runs the functional update's reference path (fused=False)
+    # itself; the native backends are compared with it within tolerance
+    # (tests/test_native_mlp_update.py).
     meta = init_meta_params(config, seed=3)
     params, state = make(ODD_SHAPES, config=config)
     fparams, fstate = clone(params, state)
@@ -57,7 +58,8 @@ def test_op_equals_functional_bitwise(config):
         grads = grads_for(params, 10 + step)
         with pyoptk.use_backend("torch"):
             op_step(params, grads, state, meta, config, lr=0.7, weight_decay=0.1)
-        fparams, fstate = update(fparams, grads, fstate, meta, config, lr=0.7, weight_decay=0.1)
+        fparams, fstate = update(fparams, grads, fstate, meta, config, lr=0.7, weight_decay=0.1,
+                                 fused=False)
     for i in range(len(params)):
         assert torch.equal(params[i], fparams[i]), f"params[{i}] shape {ODD_SHAPES[i]}"
         for name, a, b in zip(fstate._fields, state, fstate):

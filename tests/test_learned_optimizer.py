@@ -128,7 +128,8 @@ def test_step_equals_functional_update(dtype, backend):
         grads = [p.grad.clone() for p in m.parameters()]
         with pyoptk.use_backend(backend):
             opt.step()
-        ref, ref_state = update(ref, grads, ref_state, meta, cfg, lr=0.5, weight_decay=0.01)
+        ref, ref_state = update(ref, grads, ref_state, meta, cfg, lr=0.5, weight_decay=0.01,
+                                fused=False)
     for p, r in zip(m.parameters(), ref):
         assert r.dtype == dtype
         if backend == "torch":

@@ -24,6 +24,7 @@ The small multipliers keep the first steps tiny whatever the initial MLP.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -245,10 +246,33 @@ def init_state(params: Sequence[Tensor], config: Optional[MLPConfig] = None,
 # ----------------------------------------------------------------------------------
 # The functional step.
 # ----------------------------------------------------------------------------------
+def _fused_unsupported(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
+                       state: MLPState) -> Optional[str]:
+    """Why :func:`pyoptk.ops.mlp_step` cannot take these inputs (then :func:`update`
+    runs the reference), or None."""
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        return f"param dtype {dtype}"
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for i, p in enumerate(params):
+        if grads[i] is None:
+            continue
+        tensors = [p, grads[i]] + [getattr(state, f)[i] for f in MLPState._fields]
+        for t in tensors:
+            if not isinstance(t, Tensor) or t.layout != torch.strided or t.device != device \
+                    or not t.is_contiguous():
+                return f"tensor {i}: non-contiguous, sparse or on another device"
+        if p.dtype != dtype or grads[i].dtype != dtype:
+            return f"tensor {i}: mixed parameter/gradient dtypes"
+        if any(getattr(state, f)[i].dtype != sdt for f in MLPState._fields):
+            return f"tensor {i}: state dtype is not {sdt}"
+    return None
+
+
 def update(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], state: MLPState,
            meta_params: Mapping[str, Tensor], config: Optional[MLPConfig] = None, *,
-           lr: Union[float, Tensor] = 1.0, weight_decay: float = 0.0
-           ) -> Tuple[List[Tensor], MLPState]:
+           lr: Union[float, Tensor] = 1.0, weight_decay: float = 0.0,
+           fused: Optional[bool] = None) -> Tuple[List[Tensor], MLPState]:
     """One step of the MLP rule: ``(new_params, new_state)``. Pure and differentiable
     with respect to params, grads, state, meta-parameters (and a tensor ``lr``); the
     inputs are never modified. ``grads[i] is None`` leaves tensor i unchanged; a tensor
@@ -257,6 +281,13 @@ def update(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], state: M
     Works in any float dtype: state and math in float32 for fp32/bf16/fp16 params,
     float64 for float64 params (for gradcheck). Bit-identical to
     :func:`pyoptk.ops.mlp_update_` on the same fp32 inputs.
+
+    ``fused`` (default None: when the inputs allow): run the differentiable fused op
+    :func:`pyoptk.ops.mlp_step` (its backward recomputes the step instead of autograd
+    storing every intermediate); it needs contiguous tensors on one device with one
+    param dtype and float32 state (float64 for float64 params). ``fused=False`` runs
+    autograd through the reference :func:`pyoptk.ops.mlp_update.mlp_update_functional`;
+    ``fused=True`` raises ``ValueError`` when the inputs do not allow the fused op.
     """
     config = config or MLPConfig()
     check_meta_params(meta_params, config)
@@ -273,12 +304,42 @@ def update(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], state: M
     weights = meta_weights(meta_params, config)
     check_weights("update", weights, hp.n_features, dtype=None)
     device = params[0].device
-    decays = decays_tensor(config, meta_params, device=device,
-                           dtype=torch.promote_types(params[0].dtype, torch.float32))
-    new = mlp_update_functional(params, list(grads), state.mom, state.rms, state.fac_row,
+    ct = torch.promote_types(params[0].dtype, torch.float32)
+    decays = decays_tensor(config, meta_params, device=device, dtype=ct)
+    grads = list(grads)
+    if fused is not False:
+        why = _fused_unsupported(params, grads, state)
+        if why is None:
+            return _update_fused(params, grads, state, weights, decays, hp, ct)
+        if fused:
+            raise ValueError(f"update(fused=True): the fused op cannot take these inputs: {why}")
+    new = mlp_update_functional(params, grads, state.mom, state.rms, state.fac_row,
                                 state.fac_col, state.step, weights, decays, hp)
     new_params, mom, rms, fac_row, fac_col, step = new
     return new_params, MLPState(step, mom, rms, fac_row, fac_col)
+
+
+def _update_fused(params, grads, state: MLPState, weights, decays, hp: MLPUpdateHyper,
+                  ct: torch.dtype) -> Tuple[List[Tensor], MLPState]:
+    """``update`` through :func:`pyoptk.ops.mlp_step` on the tensors with a gradient."""
+    from pyoptk.ops.mlp_step import mlp_step
+
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    new_params = list(params)
+    new_state = [list(getattr(state, f)) for f in MLPState._fields]
+    if not idx:
+        return new_params, MLPState(*new_state)
+    if hp.lr_t is not None:
+        hp = dataclasses.replace(hp, lr_t=hp.lr_t.to(ct).reshape(1).to(device=params[0].device))
+    sel = lambda lst: [lst[i] for i in idx]  # noqa: E731
+    out = mlp_step(sel(params), sel(grads), sel(state.mom), sel(state.rms), sel(state.fac_row),
+                   sel(state.fac_col), sel(state.step), [w.to(ct) for w in weights], decays, hp)
+    p_out, mom, rms, fac_row, fac_col, step = out
+    for k, i in enumerate(idx):
+        new_params[i] = p_out[k]
+        for lst, src in zip(new_state, (step, mom, rms, fac_row, fac_col)):
+            lst[i] = src[k]
+    return new_params, MLPState(*new_state)
 
 
 class MLPRule(nn.Module):

@@ -7,6 +7,7 @@ from pyoptk.ops.centralize import centralize_gradients_, centralize_reference
 from pyoptk.ops.grad_norm import (
     clip_grad_norm_, clip_grad_norm_reference, grad_norm, grad_norm_reference)
 from pyoptk.ops.lamb import LambHyper, lamb_, lamb_reference
+from pyoptk.ops.mlp_step import mlp_step
 from pyoptk.ops.mlp_update import (
     MLPUpdateHyper, mlp_update_, mlp_update_functional, mlp_update_reference)
 
@@ -15,4 +16,5 @@ __all__ = [
     "adamw_reference", "lamb_reference", "clip_grad_norm_reference", "grad_norm_reference",
     "centralize_reference", "AdamWHyper", "LambHyper",
     "mlp_update_", "mlp_update_functional", "mlp_update_reference", "MLPUpdateHyper",
+    "mlp_step",
 ]

@@ -76,6 +76,37 @@ struct MLPUpdateConfig {
   mlp::MLPDims dims() const { return mlp::MLPDims{n_mom, n_rms, n_fac, fac_mom_index}; }
 };
 
+// Differentiable learned-MLP step, fused backward (pyoptk._C.MLPStepGradConfig).
+struct MLPStepGradConfig {
+  int n_mom = 5, n_rms = 1, n_fac = 3, fac_mom_index = 2;
+  double log_sign_k = 10.0;
+  std::vector<double> timescales;
+  double eps = 1e-16, norm_eps = 1e-12, fac_eps = 1e-30;
+  double exp_mult = 1e-3, step_mult = 1e-3;
+  double lr = 1.0;
+  uintptr_t lr_ptr = 0;  // one element of the compute type overriding lr, or 0
+  double weight_decay = 0.0;
+  bool double_precision = false;  // every tensor float64 (else float32)
+};
+
+// Tensor tables of mlp_step_grad_cpu: per parameter tensor, the step's inputs, the
+// cotangents of its outputs, and the gradients to write (all of the compute type,
+// contiguous, shaped as in pyoptk.ops.mlp_update). rows/cols: the (rows, cols) view of
+// 2+ dim tensors (factored != 0); 1 and numel for 0/1-dim tensors. widths: the MLP's
+// layer widths (n_features, hidden..., 2); weights/d_weights: [w0, b0, w1, b1, ...].
+struct MLPStepGradTensors {
+  PtrList params, grads, moms, rmss, fac_rows, fac_cols, steps;
+  PtrList d_params_out, d_moms_out, d_rmss_out, d_fac_rows_out, d_fac_cols_out;
+  PtrList d_params, d_grads, d_moms, d_rmss, d_fac_rows, d_fac_cols;
+  SizeList numels, rows, cols, factored;
+  PtrList weights;
+  SizeList widths;
+  uintptr_t decays = 0;
+  PtrList d_weights;
+  uintptr_t d_decays = 0;
+  uintptr_t d_lr = 0;  // 0: no lr gradient
+};
+
 // ---- workspace sizes (float32 elements; used by the CUDA entry points) -----------------
 int64_t lamb_workspace_numel(const SizeList& numels);
 int64_t norm_workspace_numel(const SizeList& numels);
@@ -113,6 +144,9 @@ void mlp_update_cpu(const PtrList& params, const PtrList& grads, const PtrList& 
 // The instruction set the CPU loops run with ("baseline", "avx2" or "avx512"; see
 // csrc/cpu/cpu_util.h and PYOPTK_CPU_ISA).
 const char* cpu_loop_isa();
+
+// Fused backward of the differentiable learned-MLP step (recomputes the forward).
+void mlp_step_grad_cpu(const MLPStepGradTensors& tensors, const MLPStepGradConfig& cfg);
 
 // ---- CUDA -----------------------------------------------------------------------------
 #ifdef PYOPTK_WITH_CUDA

@@ -1,0 +1,772 @@
+// Fused backward of the differentiable learned-MLP step (torch.ops.pyoptk.mlp_step) on
+// CPU. Given the cotangents of the step's outputs (params, moms, rmss, fac_rows,
+// fac_cols) it recomputes the forward per element and produces every input gradient,
+// storing no activations. Per-element math: pyoptk/mlp_step_grad_math.h; the
+// specification is autograd through pyoptk.ops.mlp_update.mlp_update_one.
+//
+// Work units are tiles: chunks of kChunkSize elements for 0/1-dim tensors; for 2+ dim
+// tensors viewed (rows, cols), (row group x column block) rectangles, so row and column
+// reductions have a fixed number of partial slots (rowpart[col block][row],
+// colpart[row group][col]) combined in a fixed order. Passes:
+//   0  forward statistics: sum(P_i^2) per plane, row/column sums of g^2 + fac_eps (or
+//      sum of the full accumulator), the all-finite flag;  finalize 1 (per tensor):
+//      scales, new row/col accumulators, vbar, time features folded into b0.
+//   B1 per element, in micro-batches of kB elements: features, MLP forward, backward
+//      through the MLP (weight gradients accumulated per slot of tiles, then summed in
+//      slot order), the local parts of all input gradients (written to the outputs),
+//      and the reductions the remaining terms need: A_i = sum(dnormed_i * P_i), row and
+//      column sums of the factored cotangents, dvbar.  finalize 2 (per tensor): row/col
+//      gradients, factored decay gradients, B2 coefficients.
+//   B2 per element: the terms coming back through the per-tensor reductions
+//      (normalization scales, factored statistics), added to the outputs.
+// All reductions keep partials per tile (double) summed in tile order: results do not
+// depend on the thread count.
+//
+// Performance (measured, docs/learned.md): ~0.43 us per element per thread, ~55% in the
+// MLP's three products (MlpForwardK / MlpBackwardK), ~45% in the scalar per-element code
+// (recompute, features, epilogue, passes 0 and B2). An FMA build of the MLP loops gave
+// nothing; the levers are register-blocked micro-kernels and vectorizing the
+// per-element code over the micro-batch lanes (SoA instead of one MsgElem per element).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu_util.h"
+#include "pyoptk/api.h"
+#include "pyoptk/mlp_step_grad_math.h"
+
+namespace pyoptk {
+namespace {
+
+constexpr int kB = 64;                 // elements per micro-batch (SoA lanes)
+constexpr int kMaxWidth = 128;         // widest layer (Python declines wider)
+constexpr int kJB = 16;                // output columns per block of the weight-gradient sums
+constexpr int64_t kColBlock = 4096;    // columns per tile of a 2+ dim tensor
+constexpr int64_t kTileTarget = 65536; // elements per tile of a 2+ dim tensor
+constexpr int64_t kMaxRowGroups = 64;  // row groups per 2+ dim tensor (colpart slots)
+constexpr int64_t kSlots = 64;         // weight-gradient partial slots in B1
+
+struct Tile {
+  int32_t t;
+  int64_t r0, r1, c0, c1;
+  int64_t rg, cb;
+};
+
+template <typename T>
+struct Work {
+  int64_t n = 0, rows = 0, cols = 0;
+  bool factored = false;
+  int64_t n_rg = 0, n_cb = 0;
+  const T *p, *g, *m0, *v0, *fr0, *fc0;
+  T step;
+  const T *Gp, *Gm, *Gv, *Gfr, *Gfc;
+  T *dp, *dg, *dm0, *dv0, *dfr0, *dfc0;
+  bool finite = true;
+  std::vector<T> s, vbar, Rf, Cf, rowf, colf, rm, cm, b0eff, tf;
+  std::vector<double> rowpart, colpart;  // [n_cb][rows][Q], [n_rg][cols][Q]
+  std::vector<T> kappa, coefR, coefC, cu;
+  int64_t first_tile = 0, end_tile = 0;
+
+  MsgTensor<T> view() const {
+    MsgTensor<T> v;
+    v.n = n;
+    v.rows = rows;
+    v.cols = cols;
+    v.factored = factored;
+    v.p = p;
+    v.g = g;
+    v.m0 = m0;
+    v.v0 = v0;
+    v.fr0 = fr0;
+    v.fc0 = fc0;
+    v.s = s.data();
+    v.vbar = vbar.data();
+    v.Rf = Rf.data();
+    v.Cf = Cf.data();
+    v.rowf = rowf.data();
+    v.colf = colf.data();
+    return v;
+  }
+};
+
+// Calls f(e) for every element of the tile, in row-major order.
+template <typename F>
+inline void for_tile_ranges(const Tile& tl, int64_t cols, F&& f) {
+  if (tl.c0 == 0 && tl.c1 == cols) {
+    f(tl.r0 * cols, tl.r1 * cols);
+  } else {
+    for (int64_t r = tl.r0; r < tl.r1; ++r) f(r * cols + tl.c0, r * cols + tl.c1);
+  }
+}
+
+// Per-tile partial layout (doubles).
+struct PartLayout {
+  int N, F, KRF, H0;
+  int off_A() const { return 0; }            // sum P^2 (pass 0) / sum dnormed*P (B1)
+  int off_U() const { return N; }            // sum U (pass 0) / dvbar (B1), 0/1 dims
+  int off_U0() const { return N + F; }       // sum (u0 - g^2 - fac_eps), 0/1 dims
+  int off_dec() const { return N + 2 * F; }  // decay cotangents
+  int off_lr() const { return N + 2 * F + KRF; }
+  int off_db0() const { return off_lr() + 1; }
+  int off_finite() const { return off_db0() + H0; }
+  int size() const { return off_finite() + 1; }
+};
+
+// One micro-batch of kB elements through the MLP, SoA buffers [feature][lane]. Kept
+// free of lambdas and calls so that cpu::run_loop compiles it for AVX2 as well.
+template <typename T>
+struct MlpBatch {
+  int L, n_elem;
+  const int64_t* widths;   // (n_features, hidden..., 2)
+  const T* const* W;       // (in, out) per layer
+  const T* const* bias;    // per layer (layer 0: the tensor's folded bias b0eff)
+  const T* b0eff;
+  const T* X;              // (n_elem, kB) inputs
+  T* const* act;           // per layer (out, kB): ReLU outputs, raw for the last layer
+  T *dA, *dZ, *dZT;        // (max width, kB) cotangent buffers; dA holds (2, kB) on entry
+  double* dW;              // weight-gradient accumulators, laid out by w_off
+  const int64_t* w_off;
+  double* db0;             // per-tile sum of the first layer's pre-activation cotangents
+};
+
+template <typename T>
+struct MlpForwardK {
+  PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
+    const MlpBatch<T>& m = *mp;
+    // -- MLP forward --
+    for (int l = 0; l < m.L; ++l) {
+      const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
+      const int out = static_cast<int>(m.widths[l + 1]);
+      const T* A_in = (l == 0) ? m.X : m.act[l - 1];
+      const T* bl = (l == 0) ? m.b0eff : m.bias[l];
+      const T* Wl = m.W[l];
+      T* Z = m.act[l];
+      const bool relu = l < m.L - 1;
+      for (int j = 0; j < out; ++j) {
+        T acc[kB];
+        for (int b = 0; b < kB; ++b) acc[b] = bl[j];
+        for (int i = 0; i < in; ++i) {
+          const T wij = Wl[i * out + j];
+          const T* xi = A_in + i * kB;
+          for (int b = 0; b < kB; ++b) acc[b] += wij * xi[b];
+        }
+        if (relu) {
+          for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b] > T(0) ? acc[b] : T(0);
+        } else {
+          for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b];
+        }
+      }
+    }
+  }
+};
+
+// dA (2, kB) = cotangents of (d, a) on entry; on exit dA (n_elem, kB) = cotangents of the
+// per-element features; dW and db0 accumulated.
+template <typename T>
+struct MlpBackwardK {
+  PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
+    const MlpBatch<T>& m = *mp;
+    // -- backward through the MLP --
+    for (int l = m.L - 1; l >= 0; --l) {
+      const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
+      const int out = static_cast<int>(m.widths[l + 1]);
+      const T* A_in = (l == 0) ? m.X : m.act[l - 1];
+      const T* Wl = m.W[l];
+      const T* Z = m.act[l];
+      // dZ = dA (masked by the ReLU for hidden layers); also its transpose dZT [b][op],
+      // zero-padded to a multiple of kJB columns so the sums below vectorize over j.
+      const int op = (out + kJB - 1) / kJB * kJB;
+      for (int j = 0; j < out; ++j) {
+        for (int b = 0; b < kB; ++b) {
+          const T x = m.dA[(j * kB + b)];
+          const T dz = (l < m.L - 1) ? (Z[j * kB + b] > T(0) ? x : T(0)) : x;
+          m.dZ[(j * kB + b)] = dz;
+          m.dZT[(b * op + j)] = dz;
+        }
+      }
+      for (int j = out; j < op; ++j)
+        for (int b = 0; b < kB; ++b) m.dZT[(b * op + j)] = T(0);
+      // db_l[j] += sum_b dZ[j][b];  dW_l[i][j] += sum_b A_in[i][b] dZ[j][b]
+      double* dWl = m.dW + m.w_off[2 * l];
+      double* dbl = m.dW + m.w_off[2 * l + 1];
+      for (int j0 = 0; j0 < op; j0 += kJB) {
+        const int nj = std::min(kJB, out - j0);
+        T acc[kJB];
+        for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
+        for (int b = 0; b < kB; ++b) {
+          const T* d = m.dZT + b * op + j0;
+          for (int jj = 0; jj < kJB; ++jj) acc[jj] += d[jj];
+        }
+        for (int jj = 0; jj < nj; ++jj) {
+          dbl[j0 + jj] += static_cast<double>(acc[jj]);
+          if (l == 0) m.db0[j0 + jj] += static_cast<double>(acc[jj]);
+        }
+        for (int i = 0; i < in; ++i) {
+          const T* ai = A_in + i * kB;
+          for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
+          for (int b = 0; b < kB; ++b) {
+            const T x = ai[b];
+            const T* d = m.dZT + b * op + j0;
+            for (int jj = 0; jj < kJB; ++jj) acc[jj] += x * d[jj];
+          }
+          for (int jj = 0; jj < nj; ++jj) dWl[i * out + j0 + jj] += static_cast<double>(acc[jj]);
+        }
+      }
+      // dA_in[i][b] = sum_j W[i][j] dZ[j][b]
+      for (int i = 0; i < in; ++i) {
+        T acc[kB];
+        for (int b = 0; b < kB; ++b) acc[b] = T(0);
+        for (int j = 0; j < out; ++j) {
+          const T wij = Wl[i * out + j];
+          const T* dzj = m.dZ + j * kB;
+          for (int b = 0; b < kB; ++b) acc[b] += wij * dzj[b];
+        }
+        for (int b = 0; b < kB; ++b) m.dA[(i * kB + b)] = acc[b];
+      }
+    }
+  }
+};
+
+template <typename T>
+void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cfg) {
+  const size_t nt = a.numels.size();
+  const int K = cfg.n_mom, R = cfg.n_rms, F = cfg.n_fac;
+  const int KR = K + R, KRF = K + R + F;
+  const int N = 2 + K + R + K * R + R;
+  const int S = 2 + F * (3 + (cfg.fac_mom_index >= 0 ? 1 : 0));
+  const int n_elem = N + S;
+  const int n_time = static_cast<int>(cfg.timescales.size());
+  const int L = static_cast<int>(a.widths.size()) - 1;  // layers
+  const int H0 = static_cast<int>(a.widths[1]);
+  const int Q = 2 * F;
+
+  std::vector<const T*> W(L), bias(L);
+  for (int l = 0; l < L; ++l) {
+    W[l] = cpu::as_ptr<const T>(a.weights[2 * l]);
+    bias[l] = cpu::as_ptr<const T>(a.weights[2 * l + 1]);
+  }
+  std::vector<int64_t> w_off(2 * L + 1, 0);  // offsets of each weight in dW
+  for (int l = 0; l < L; ++l) {
+    w_off[2 * l + 1] = w_off[2 * l] + a.widths[l] * a.widths[l + 1];
+    w_off[2 * l + 2] = w_off[2 * l + 1] + a.widths[l + 1];
+  }
+  const int64_t n_w = w_off[2 * L];
+
+  MsgScalars<T> sc;
+  sc.K = K;
+  sc.R = R;
+  sc.F = F;
+  sc.fmi = cfg.fac_mom_index;
+  sc.N = N;
+  sc.n_elem = n_elem;
+  sc.log_sign_k = static_cast<T>(cfg.log_sign_k);
+  sc.log_sign_thr = static_cast<T>(std::exp(-cfg.log_sign_k));
+  sc.log_sign_ek = static_cast<T>(std::exp(cfg.log_sign_k));
+  sc.eps = static_cast<T>(cfg.eps);
+  sc.norm_eps = static_cast<T>(cfg.norm_eps);
+  sc.fac_eps = static_cast<T>(cfg.fac_eps);
+  sc.exp_mult = static_cast<T>(cfg.exp_mult);
+  sc.step_mult = static_cast<T>(cfg.step_mult);
+  sc.lr = cfg.lr_ptr ? *cpu::as_ptr<const T>(cfg.lr_ptr) : static_cast<T>(cfg.lr);
+  sc.weight_decay = static_cast<T>(cfg.weight_decay);
+  sc.dec = cpu::as_ptr<const T>(a.decays);
+  const T coef = sc.lr * sc.step_mult;
+
+  // ---- tensors and tiles -----------------------------------------------------------
+  std::vector<Work<T>> ws(nt);
+  std::vector<Tile> tiles;
+  for (size_t t = 0; t < nt; ++t) {
+    Work<T>& w = ws[t];
+    w.n = a.numels[t];
+    w.rows = a.rows[t];
+    w.cols = a.cols[t];
+    w.factored = a.factored[t] != 0;
+    w.p = cpu::as_ptr<const T>(a.params[t]);
+    w.g = cpu::as_ptr<const T>(a.grads[t]);
+    w.m0 = cpu::as_ptr<const T>(a.moms[t]);
+    w.v0 = cpu::as_ptr<const T>(a.rmss[t]);
+    w.fr0 = cpu::as_ptr<const T>(a.fac_rows[t]);
+    w.fc0 = cpu::as_ptr<const T>(a.fac_cols[t]);
+    w.step = *cpu::as_ptr<const T>(a.steps[t]);
+    w.Gp = cpu::as_ptr<const T>(a.d_params_out[t]);
+    w.Gm = cpu::as_ptr<const T>(a.d_moms_out[t]);
+    w.Gv = cpu::as_ptr<const T>(a.d_rmss_out[t]);
+    w.Gfr = cpu::as_ptr<const T>(a.d_fac_rows_out[t]);
+    w.Gfc = cpu::as_ptr<const T>(a.d_fac_cols_out[t]);
+    w.dp = cpu::as_ptr<T>(a.d_params[t]);
+    w.dg = cpu::as_ptr<T>(a.d_grads[t]);
+    w.dm0 = cpu::as_ptr<T>(a.d_moms[t]);
+    w.dv0 = cpu::as_ptr<T>(a.d_rmss[t]);
+    w.dfr0 = cpu::as_ptr<T>(a.d_fac_rows[t]);
+    w.dfc0 = cpu::as_ptr<T>(a.d_fac_cols[t]);
+    w.first_tile = static_cast<int64_t>(tiles.size());
+    if (w.n > 0) {
+      if (w.factored) {
+        const int64_t cbw = std::min<int64_t>(w.cols, kColBlock);
+        w.n_cb = (w.cols + cbw - 1) / cbw;
+        int64_t rg_rows = std::max<int64_t>(1, kTileTarget / cbw);
+        rg_rows = std::max<int64_t>(rg_rows, (w.rows + kMaxRowGroups - 1) / kMaxRowGroups);
+        w.n_rg = (w.rows + rg_rows - 1) / rg_rows;
+        for (int64_t rg = 0; rg < w.n_rg; ++rg) {
+          for (int64_t cb = 0; cb < w.n_cb; ++cb) {
+            tiles.push_back(Tile{static_cast<int32_t>(t), rg * rg_rows,
+                                 std::min(w.rows, (rg + 1) * rg_rows), cb * cbw,
+                                 std::min(w.cols, (cb + 1) * cbw), rg, cb});
+          }
+        }
+        w.rowpart.assign(static_cast<size_t>(w.n_cb * w.rows * std::max(Q, 1)), 0.0);
+        w.colpart.assign(static_cast<size_t>(w.n_rg * w.cols * std::max(Q, 1)), 0.0);
+      } else {
+        int64_t cb = 0;
+        for (int64_t b = 0; b < w.n; b += kChunkSize, ++cb) {
+          tiles.push_back(Tile{static_cast<int32_t>(t), 0, 1, b,
+                               std::min(w.n, b + kChunkSize), 0, cb});
+        }
+      }
+    }
+    w.end_tile = static_cast<int64_t>(tiles.size());
+  }
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  const PartLayout pl{N, F, KRF, H0};
+  const int P = pl.size();
+  std::vector<double> part(static_cast<size_t>(n_tiles * P), 0.0);
+
+  // ---- pass 0: the forward's statistics ------------------------------------------------
+  cpu::parallel_for(n_tiles, [&](int64_t ti) {
+    const Tile& tl = tiles[static_cast<size_t>(ti)];
+    Work<T>& w = ws[static_cast<size_t>(tl.t)];
+    double* pp = &part[static_cast<size_t>(ti * P)];
+    const MsgTensor<T> v = w.view();
+    MsgElem<T> el;
+    bool finite = true;
+    for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        msg_recompute_planes(sc, v, e, el);
+        finite = finite && std::isfinite(el.g);
+        for (int i = 0; i < N; ++i) pp[pl.off_A() + i] += static_cast<double>(el.P[i] * el.P[i]);
+        const T g2e = el.g * el.g + sc.fac_eps;
+        if (w.factored) {
+          const int64_t r = e / w.cols, c = e - r * w.cols;
+          if (F > 0) {
+            w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q)] += g2e;
+            w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q)] += g2e;
+          }
+        } else {
+          for (int f = 0; f < F; ++f) {
+            const T u0 = w.fr0[f * w.n + e];
+            pp[pl.off_U() + f] += msg_ema(sc.dec[KR + f], u0, g2e);
+            pp[pl.off_U0() + f] += static_cast<double>(u0 - g2e);
+          }
+        }
+      }
+    });
+    pp[pl.off_finite()] = finite ? 1.0 : 0.0;
+  });
+
+  // ---- finalize 1 (per tensor) ----------------------------------------------------------
+  const T* W0 = W[0];
+  for (size_t t = 0; t < nt; ++t) {
+    Work<T>& w = ws[t];
+    if (w.n == 0) continue;
+    std::vector<double> sum(static_cast<size_t>(P), 0.0);
+    bool finite = true;
+    for (int64_t ti = w.first_tile; ti < w.end_tile; ++ti) {
+      const double* pp = &part[static_cast<size_t>(ti * P)];
+      for (int i = 0; i < P; ++i) sum[static_cast<size_t>(i)] += pp[i];
+      finite = finite && pp[pl.off_finite()] != 0.0;
+    }
+    w.finite = finite;
+    if (!finite) continue;
+    const double nd = static_cast<double>(w.n);
+    w.s.resize(static_cast<size_t>(N));
+    for (int i = 0; i < N; ++i) {
+      w.s[static_cast<size_t>(i)] =
+          msg_rsqrt(static_cast<T>(sum[static_cast<size_t>(pl.off_A() + i)] / nd) + sc.norm_eps);
+    }
+    w.vbar.assign(static_cast<size_t>(F), T(0));
+    if (w.factored && F > 0) {
+      w.rm.resize(static_cast<size_t>(w.rows));
+      w.cm.resize(static_cast<size_t>(w.cols));
+      for (int64_t r = 0; r < w.rows; ++r) {
+        double acc = 0.0;
+        for (int64_t cb = 0; cb < w.n_cb; ++cb) acc += w.rowpart[static_cast<size_t>((cb * w.rows + r) * Q)];
+        w.rm[static_cast<size_t>(r)] = static_cast<T>(acc / static_cast<double>(w.cols));
+      }
+      for (int64_t c = 0; c < w.cols; ++c) {
+        double acc = 0.0;
+        for (int64_t rg = 0; rg < w.n_rg; ++rg) acc += w.colpart[static_cast<size_t>((rg * w.cols + c) * Q)];
+        w.cm[static_cast<size_t>(c)] = static_cast<T>(acc / static_cast<double>(w.rows));
+      }
+      w.Rf.resize(static_cast<size_t>(F * w.rows));
+      w.Cf.resize(static_cast<size_t>(F * w.cols));
+      w.rowf.resize(w.Rf.size());
+      w.colf.resize(w.Cf.size());
+      for (int f = 0; f < F; ++f) {
+        const T gam = sc.dec[KR + f];
+        double acc = 0.0;
+        for (int64_t r = 0; r < w.rows; ++r) {
+          const T x = msg_ema(gam, w.fr0[f * w.rows + r], w.rm[static_cast<size_t>(r)]);
+          w.Rf[static_cast<size_t>(f * w.rows + r)] = x;
+          acc += x;
+        }
+        const T vb = static_cast<T>(acc / static_cast<double>(w.rows));
+        w.vbar[static_cast<size_t>(f)] = vb;
+        for (int64_t r = 0; r < w.rows; ++r) {
+          const size_t i = static_cast<size_t>(f * w.rows + r);
+          w.rowf[i] = msg_rsqrt(w.Rf[i] / vb);
+        }
+        for (int64_t c = 0; c < w.cols; ++c) {
+          const size_t i = static_cast<size_t>(f * w.cols + c);
+          w.Cf[i] = msg_ema(gam, w.fc0[f * w.cols + c], w.cm[static_cast<size_t>(c)]);
+          w.colf[i] = msg_rsqrt(w.Cf[i] / vb);
+        }
+      }
+      std::fill(w.rowpart.begin(), w.rowpart.end(), 0.0);
+      std::fill(w.colpart.begin(), w.colpart.end(), 0.0);
+    } else {
+      for (int f = 0; f < F; ++f) {
+        w.vbar[static_cast<size_t>(f)] = static_cast<T>(sum[static_cast<size_t>(pl.off_U() + f)] / nd);
+      }
+    }
+    // Time features, folded into the first layer's bias.
+    const T tstep = w.step + T(1);
+    w.tf.resize(static_cast<size_t>(n_time));
+    for (int j = 0; j < n_time; ++j) {
+      w.tf[static_cast<size_t>(j)] = std::tanh(tstep / static_cast<T>(cfg.timescales[static_cast<size_t>(j)]) - T(1));
+    }
+    w.b0eff.resize(static_cast<size_t>(H0));
+    for (int h = 0; h < H0; ++h) {
+      T acc = bias[0][h];
+      for (int j = 0; j < n_time; ++j) acc += w.tf[static_cast<size_t>(j)] * W0[(n_elem + j) * H0 + h];
+      w.b0eff[static_cast<size_t>(h)] = acc;
+    }
+  }
+  std::fill(part.begin(), part.end(), 0.0);
+
+  // ---- pass B1 ---------------------------------------------------------------------------
+  const int64_t n_slots = std::min<int64_t>(n_tiles, kSlots);
+  std::vector<double> slot_dw(static_cast<size_t>(std::max<int64_t>(n_slots, 1) * n_w), 0.0);
+  int max_w = 2;
+  for (size_t l = 0; l < a.widths.size(); ++l) max_w = std::max<int>(max_w, static_cast<int>(a.widths[l]));
+
+  cpu::parallel_for(n_slots, [&](int64_t slot) {
+    const int64_t t_begin = slot * n_tiles / n_slots, t_end = (slot + 1) * n_tiles / n_slots;
+    double* dW = &slot_dw[static_cast<size_t>(slot * n_w)];
+    // Micro-batch buffers, SoA [feature][lane]: inputs, each layer's output, cotangents.
+    std::vector<T> X(static_cast<size_t>(n_elem * kB));
+    std::vector<std::vector<T>> act(static_cast<size_t>(L));
+    for (int l = 0; l < L; ++l) act[static_cast<size_t>(l)].assign(static_cast<size_t>(a.widths[l + 1] * kB), T(0));
+    std::vector<T> dA(static_cast<size_t>(max_w * kB)), dZ(static_cast<size_t>(max_w * kB));
+    std::vector<T> dZT(static_cast<size_t>((max_w + kJB - 1) / kJB * kJB * kB));
+    std::vector<MsgElem<T>> els(kB);
+    int64_t idx[kB], rr[kB], cc[kB];
+    std::vector<T*> act_ptrs(static_cast<size_t>(L));
+    for (int l = 0; l < L; ++l) act_ptrs[static_cast<size_t>(l)] = act[static_cast<size_t>(l)].data();
+
+    for (int64_t ti = t_begin; ti < t_end; ++ti) {
+      const Tile& tl = tiles[static_cast<size_t>(ti)];
+      Work<T>& w = ws[static_cast<size_t>(tl.t)];
+      double* pp = &part[static_cast<size_t>(ti * P)];
+      const int64_t n = w.n;
+      if (!w.finite) {  // skipped tensor: cotangents pass straight through
+        for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
+          for (int64_t e = e0; e < e1; ++e) {
+            w.dp[e] = w.Gp[e];
+            w.dg[e] = T(0);
+            for (int k = 0; k < K; ++k) w.dm0[k * n + e] = w.Gm[k * n + e];
+            for (int j = 0; j < R; ++j) w.dv0[j * n + e] = w.Gv[j * n + e];
+            if (!w.factored)
+              for (int f = 0; f < F; ++f) w.dfr0[f * n + e] = w.Gfr[f * n + e];
+          }
+        });
+        continue;
+      }
+      const MsgTensor<T> v = w.view();
+      const MlpBatch<T> mb{L, n_elem, a.widths.data(), W.data(), bias.data(), w.b0eff.data(),
+                           X.data(), act_ptrs.data(), dA.data(), dZ.data(), dZT.data(), dW,
+                           w_off.data(), pp + pl.off_db0()};
+      for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
+        int64_t r = e0 / w.cols, c = e0 - r * w.cols;  // (row, col) of e, stepped below
+        for (int64_t eb = e0; eb < e1; eb += kB) {
+          const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
+          // -- features --
+          for (int b = 0; b < nb; ++b) {
+            const int64_t e = eb + b;
+            idx[b] = e;
+            rr[b] = r;
+            cc[b] = c;
+            if (++c == w.cols) {
+              c = 0;
+              ++r;
+            }
+            msg_recompute_planes(sc, v, e, els[static_cast<size_t>(b)]);
+            msg_recompute_factored(sc, v, e, rr[b], cc[b], els[static_cast<size_t>(b)]);
+            msg_features(sc, v, els[static_cast<size_t>(b)], X.data() + b, kB);
+          }
+          for (int b = nb; b < kB; ++b)
+            for (int i = 0; i < n_elem; ++i) X[static_cast<size_t>(i * kB + b)] = T(0);
+          cpu::run_loop<MlpForwardK<T>>(&mb);
+          // -- the step's cotangents on (d, a) --
+          const T* outp = act[static_cast<size_t>(L - 1)].data();
+          for (int b = 0; b < kB; ++b) {
+            T dd = T(0), da = T(0);
+            if (b < nb) {
+              const int64_t e = idx[b];
+              const T gp = w.Gp[e];
+              const T d = outp[b], mag = outp[kB + b];
+              const T ex = std::exp(sc.exp_mult * mag);
+              dd = -coef * gp * ex;
+              da = -coef * gp * d * sc.exp_mult * ex;
+              pp[pl.off_lr()] += static_cast<double>(-sc.step_mult * gp *
+                                                      (d * ex + sc.weight_decay * els[static_cast<size_t>(b)].p));
+            }
+            dA[static_cast<size_t>(b)] = dd;
+            dA[static_cast<size_t>(kB + b)] = da;
+          }
+          cpu::run_loop<MlpBackwardK<T>>(&mb);
+          // -- epilogue: local input gradients and the reductions --
+          const int base_fm = N + 2 + F;
+          const int base_row = N + 2 + F * (sc.fmi >= 0 ? 2 : 1);
+          const int base_col = base_row + F;
+          for (int b = 0; b < nb; ++b) {
+            const MsgElem<T>& el = els[static_cast<size_t>(b)];
+            const int64_t e = idx[b];
+            const int64_t r = rr[b], c = cc[b];
+            const T* dx = dA.data() + b;  // stride kB
+            T dP[kMsgMaxPlanes];
+            for (int i = 0; i < N; ++i) dP[i] = dx[i * kB];
+            dP[0] += msg_log_sign_vjp(el.P[0] * w.s[0], sc, dx[N * kB], dx[(N + 1) * kB]);
+            for (int i = 0; i < N; ++i) {
+              pp[pl.off_A() + i] += static_cast<double>(dP[i] * el.P[i]);
+              dP[i] *= w.s[static_cast<size_t>(i)];
+            }
+            T dm[kMsgMaxMom], dv[kMsgMaxRms], dm0[kMsgMaxMom], dv0[kMsgMaxRms];
+            for (int k = 0; k < K; ++k) dm[k] = w.Gm[k * n + e];
+            for (int j = 0; j < R; ++j) dv[j] = w.Gv[j * n + e];
+            const T gp = w.Gp[e];
+            T dg = T(0), dp = gp - gp * (coef * sc.weight_decay);
+            const T g2e = el.g * el.g + sc.fac_eps;
+            for (int f = 0; f < F; ++f) {
+              const T dfg = dx[(N + 2 + f) * kB];
+              const T dfm = sc.fmi >= 0 ? dx[(base_fm + f) * kB] : T(0);
+              const T drow = dx[(base_row + f) * kB], dcol = dx[(base_col + f) * kB];
+              const T ivh = el.ivh[f];
+              T divh = dfg * el.g;
+              dg += dfg * ivh;
+              if (sc.fmi >= 0) {
+                divh += dfm * el.m[sc.fmi];
+                dm[sc.fmi] += dfm * ivh;
+              }
+              const T dvhat = msg_rsqrt_vjp(ivh, divh);
+              if (w.factored) {
+                double* rp = &w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q + 2 * f)];
+                double* cp = &w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q + 2 * f)];
+                rp[0] += static_cast<double>(dvhat * el.Cc[f]);
+                rp[1] += static_cast<double>(drow);
+                cp[0] += static_cast<double>(dvhat * el.Rr[f]);
+                cp[1] += static_cast<double>(dcol);
+              } else {
+                const T vb = w.vbar[static_cast<size_t>(f)];
+                const T rf = el.rowf[f];
+                const T rf3 = rf * rf * rf;
+                const T dsum = drow + dcol;
+                const T dU = dvhat + dsum * (T(-0.5) * rf3 / vb) + w.Gfr[f * n + e];
+                pp[pl.off_U() + f] += static_cast<double>(dsum * (T(0.5) * rf3 * el.U[f] / (vb * vb)));
+                const T gam = sc.dec[KR + f];
+                w.dfr0[f * n + e] = gam * dU;
+                dg += T(2) * el.g * ((T(1) - gam) * dU);
+                pp[pl.off_dec() + KR + f] += static_cast<double>(dU * (el.u0[f] - g2e));
+              }
+            }
+            msg_planes_vjp(sc, el, dP, dm, dv, dg, dp, dm0, dv0, pp + pl.off_dec());
+            for (int k = 0; k < K; ++k) w.dm0[k * n + e] = dm0[k];
+            for (int j = 0; j < R; ++j) w.dv0[j * n + e] = dv0[j];
+            w.dg[e] = dg;
+            w.dp[e] = dp;
+          }
+        }
+      });
+    }
+  });
+
+  // ---- finalize 2 (per tensor) ----------------------------------------------------------
+  std::vector<double> ddec(static_cast<size_t>(KRF), 0.0);
+  double dlr = 0.0;
+  std::vector<double> dW_time(static_cast<size_t>(n_time * H0), 0.0);
+  for (size_t t = 0; t < nt; ++t) {
+    Work<T>& w = ws[t];
+    if (w.n == 0 || !w.finite) {  // cotangents of the row/col accumulators pass through
+      if (w.factored) {
+        for (int64_t i = 0; i < F * w.rows; ++i) w.dfr0[i] = w.Gfr[i];
+        for (int64_t i = 0; i < F * w.cols; ++i) w.dfc0[i] = w.Gfc[i];
+      }
+      continue;
+    }
+    std::vector<double> sum(static_cast<size_t>(P), 0.0);
+    for (int64_t ti = w.first_tile; ti < w.end_tile; ++ti) {
+      const double* pp = &part[static_cast<size_t>(ti * P)];
+      for (int i = 0; i < P; ++i) sum[static_cast<size_t>(i)] += pp[i];
+    }
+    const double nd = static_cast<double>(w.n);
+    w.kappa.resize(static_cast<size_t>(N));
+    for (int i = 0; i < N; ++i) {
+      const double si = static_cast<double>(w.s[static_cast<size_t>(i)]);
+      w.kappa[static_cast<size_t>(i)] =
+          static_cast<T>(-(si * si * si) * sum[static_cast<size_t>(pl.off_A() + i)] / nd);
+    }
+    for (int i = 0; i < KRF; ++i) ddec[static_cast<size_t>(i)] += sum[static_cast<size_t>(pl.off_dec() + i)];
+    dlr += sum[static_cast<size_t>(pl.off_lr())];
+    for (int j = 0; j < n_time; ++j) {
+      for (int h = 0; h < H0; ++h) {
+        dW_time[static_cast<size_t>(j * H0 + h)] +=
+            static_cast<double>(w.tf[static_cast<size_t>(j)]) * sum[static_cast<size_t>(pl.off_db0() + h)];
+      }
+    }
+    if (w.factored) {
+      w.coefR.assign(static_cast<size_t>(w.rows), T(0));
+      w.coefC.assign(static_cast<size_t>(w.cols), T(0));
+      std::vector<double> SR1(static_cast<size_t>(w.rows)), SR2(SR1.size());
+      std::vector<double> SC1(static_cast<size_t>(w.cols)), SC2(SC1.size());
+      for (int f = 0; f < F; ++f) {
+        for (int64_t r = 0; r < w.rows; ++r) {
+          double s1 = 0.0, s2 = 0.0;
+          for (int64_t cb = 0; cb < w.n_cb; ++cb) {
+            const double* rp = &w.rowpart[static_cast<size_t>((cb * w.rows + r) * Q + 2 * f)];
+            s1 += rp[0];
+            s2 += rp[1];
+          }
+          SR1[static_cast<size_t>(r)] = s1;
+          SR2[static_cast<size_t>(r)] = s2;
+        }
+        for (int64_t c = 0; c < w.cols; ++c) {
+          double s1 = 0.0, s2 = 0.0;
+          for (int64_t rg = 0; rg < w.n_rg; ++rg) {
+            const double* cp = &w.colpart[static_cast<size_t>((rg * w.cols + c) * Q + 2 * f)];
+            s1 += cp[0];
+            s2 += cp[1];
+          }
+          SC1[static_cast<size_t>(c)] = s1;
+          SC2[static_cast<size_t>(c)] = s2;
+        }
+        const double vb = static_cast<double>(w.vbar[static_cast<size_t>(f)]);
+        const double gam = static_cast<double>(sc.dec[KR + f]);
+        double dvbar = 0.0;
+        for (int64_t r = 0; r < w.rows; ++r) {
+          const size_t i = static_cast<size_t>(f * w.rows + r);
+          const double Rr = w.Rf[i], rf = w.rowf[i];
+          dvbar += (-SR1[static_cast<size_t>(r)] + SR2[static_cast<size_t>(r)] * 0.5 * rf * rf * rf) * Rr / (vb * vb);
+        }
+        for (int64_t c = 0; c < w.cols; ++c) {
+          const size_t i = static_cast<size_t>(f * w.cols + c);
+          const double Cc = w.Cf[i], cf = w.colf[i];
+          dvbar += SC2[static_cast<size_t>(c)] * 0.5 * cf * cf * cf * Cc / (vb * vb);
+        }
+        const double rows_d = static_cast<double>(w.rows), cols_d = static_cast<double>(w.cols);
+        double dgam = 0.0;
+        for (int64_t r = 0; r < w.rows; ++r) {
+          const size_t i = static_cast<size_t>(f * w.rows + r);
+          const double rf = w.rowf[i];
+          const double dR = static_cast<double>(w.Gfr[i]) + SR1[static_cast<size_t>(r)] / vb -
+                            0.5 * rf * rf * rf * SR2[static_cast<size_t>(r)] / vb + dvbar / rows_d;
+          w.dfr0[i] = static_cast<T>(gam * dR);
+          dgam += dR * (static_cast<double>(w.fr0[i]) - static_cast<double>(w.rm[static_cast<size_t>(r)]));
+          w.coefR[static_cast<size_t>(r)] += static_cast<T>((1.0 - gam) * dR / cols_d);
+        }
+        for (int64_t c = 0; c < w.cols; ++c) {
+          const size_t i = static_cast<size_t>(f * w.cols + c);
+          const double cf = w.colf[i];
+          const double dC = static_cast<double>(w.Gfc[i]) + SC1[static_cast<size_t>(c)] / vb -
+                            0.5 * cf * cf * cf * SC2[static_cast<size_t>(c)] / vb;
+          w.dfc0[i] = static_cast<T>(gam * dC);
+          dgam += dC * (static_cast<double>(w.fc0[i]) - static_cast<double>(w.cm[static_cast<size_t>(c)]));
+          w.coefC[static_cast<size_t>(c)] += static_cast<T>((1.0 - gam) * dC / rows_d);
+        }
+        ddec[static_cast<size_t>(KR + f)] += dgam;
+      }
+    } else {
+      w.cu.resize(static_cast<size_t>(F));
+      for (int f = 0; f < F; ++f) {
+        const double cu = sum[static_cast<size_t>(pl.off_U() + f)] / nd;  // dvbar / n
+        w.cu[static_cast<size_t>(f)] = static_cast<T>(cu);
+      }
+    }
+  }
+  // The 0/1-dim factored decay terms of dvbar need sum(u0 - g^2 - fac_eps) from pass 0,
+  // which was cleared: recompute it in B2 instead (below), per tile.
+
+  // ---- pass B2: terms through the per-tensor reductions ---------------------------------
+  const int P2 = KRF;
+  std::vector<double> part2(static_cast<size_t>(n_tiles * P2), 0.0);
+  cpu::parallel_for(n_tiles, [&](int64_t ti) {
+    const Tile& tl = tiles[static_cast<size_t>(ti)];
+    Work<T>& w = ws[static_cast<size_t>(tl.t)];
+    if (!w.finite) return;
+    double* pp = &part2[static_cast<size_t>(ti * P2)];
+    const MsgTensor<T> v = w.view();
+    const int64_t n = w.n;
+    MsgElem<T> el;
+    for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        msg_recompute_planes(sc, v, e, el);
+        T dP[kMsgMaxPlanes];
+        for (int i = 0; i < N; ++i) dP[i] = w.kappa[static_cast<size_t>(i)] * el.P[i];
+        T dm[kMsgMaxMom], dv[kMsgMaxRms], dm0[kMsgMaxMom], dv0[kMsgMaxRms];
+        for (int k = 0; k < K; ++k) dm[k] = T(0);
+        for (int j = 0; j < R; ++j) dv[j] = T(0);
+        T dg = T(0), dp = T(0);
+        msg_planes_vjp(sc, el, dP, dm, dv, dg, dp, dm0, dv0, pp);
+        for (int k = 0; k < K; ++k) w.dm0[k * n + e] += dm0[k];
+        for (int j = 0; j < R; ++j) w.dv0[j * n + e] += dv0[j];
+        if (w.factored) {
+          if (F > 0) {
+            const int64_t r = e / w.cols, c = e - r * w.cols;
+            dg += T(2) * el.g * (w.coefR[static_cast<size_t>(r)] + w.coefC[static_cast<size_t>(c)]);
+          }
+        } else {
+          const T g2e = el.g * el.g + sc.fac_eps;
+          for (int f = 0; f < F; ++f) {
+            const T gam = sc.dec[KR + f], cu = w.cu[static_cast<size_t>(f)];
+            w.dfr0[f * n + e] += gam * cu;
+            dg += T(2) * el.g * ((T(1) - gam) * cu);
+            pp[KR + f] += static_cast<double>(cu * (w.fr0[f * n + e] - g2e));
+          }
+        }
+        w.dg[e] += dg;
+        w.dp[e] += dp;
+      }
+    });
+  });
+  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+    for (int i = 0; i < P2; ++i) ddec[static_cast<size_t>(i)] += part2[static_cast<size_t>(ti * P2 + i)];
+  }
+
+  // ---- results -----------------------------------------------------------------------
+  std::vector<double> dw_total(static_cast<size_t>(n_w), 0.0);
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const double* d = &slot_dw[static_cast<size_t>(s * n_w)];
+    for (int64_t i = 0; i < n_w; ++i) dw_total[static_cast<size_t>(i)] += d[i];
+  }
+  for (int j = 0; j < n_time; ++j)
+    for (int h = 0; h < H0; ++h)
+      dw_total[static_cast<size_t>((n_elem + j) * H0 + h)] += dW_time[static_cast<size_t>(j * H0 + h)];
+  for (int l = 0; l < 2 * L; ++l) {
+    T* out = cpu::as_ptr<T>(a.d_weights[static_cast<size_t>(l)]);
+    for (int64_t i = w_off[l]; i < w_off[l + 1]; ++i) out[i - w_off[l]] = static_cast<T>(dw_total[static_cast<size_t>(i)]);
+  }
+  T* dd = cpu::as_ptr<T>(a.d_decays);
+  for (int i = 0; i < KRF; ++i) dd[i] = static_cast<T>(ddec[static_cast<size_t>(i)]);
+  if (a.d_lr) *cpu::as_ptr<T>(a.d_lr) = static_cast<T>(dlr);
+}
+
+}  // namespace
+
+void mlp_step_grad_cpu(const MLPStepGradTensors& tensors, const MLPStepGradConfig& cfg) {
+  if (cfg.double_precision) {
+    mlp_step_grad_impl<double>(tensors, cfg);
+  } else {
+    mlp_step_grad_impl<float>(tensors, cfg);
+  }
+}
+
+}  // namespace pyoptk

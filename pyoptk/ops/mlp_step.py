@@ -1,0 +1,472 @@
+"""Differentiable fused learned-MLP step: ``torch.ops.pyoptk.mlp_step``.
+
+Layout (as every op file): reference → backend launchers → op registration → public
+function. The op is the *functional* form of :func:`pyoptk.ops.mlp_update_`: it returns
+the new ``(params, moms, rmss, fac_rows, fac_cols, steps)`` as new tensors, never
+modifies its inputs, and has a fused backward, so meta-training can differentiate
+through optimizer steps without autograd storing the step's intermediates (39 feature
+planes, two hidden activations and a dozen temporaries per element).
+
+* **Forward**: clones the state and runs the in-place ``torch.ops.pyoptk.mlp_update_``
+  on the clones, so it gets whatever fused forward backend is registered. float64
+  inputs (gradcheck) run the reference :func:`~pyoptk.ops.mlp_update.mlp_update_functional`.
+* **Backward** (``register_autograd``): ``setup_context`` saves only the inputs; the
+  backward *recomputes* the forward per element. Its backends are registered as the op
+  ``"mlp_step_backward"`` of :mod:`pyoptk._backend`:
+
+  - ``cpu``: the fused native kernel ``pyoptk._C.mlp_step_grad_cpu``
+    (``csrc/cpu/mlp_step_grad.cpp``, math in ``csrc/include/pyoptk/mlp_step_grad_math.h``),
+    float32 and float64 (so float64 ``gradcheck`` exercises the kernel itself). Three
+    passes over the elements: the forward's statistics; B1 (features, MLP, backprop
+    through the MLP, per-chunk weight-gradient partials summed in a fixed order, and
+    the per-tensor / per-row / per-column reductions of the normalization and factored
+    terms); B2 (the terms coming back through those reductions).
+  - ``torch``: autograd over the reference :func:`~pyoptk.ops.mlp_update.mlp_update_one`
+    (devices without the kernel — CUDA for now — and configurations the kernel
+    declines; a one-time :class:`~pyoptk.SlowPathWarning` says so).
+
+Gradients flow to params, grads, moms, rmss, fac_rows, fac_cols, weights, decays and a
+tensor ``hp.lr_t``; ``steps`` get none. A tensor skipped for a non-finite gradient
+passes its cotangents straight through (identity for the parameter and its state, zero
+for its gradient), exactly as autograd through the reference's ``torch.where``.
+
+Lists must be ``None``-free (the functional :func:`pyoptk.learned.update` filters
+``grads[i] is None`` before calling the op).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from pyoptk._backend import (
+    SlowPathWarning, get_backend, implementation, register_backend, use_backend)
+from pyoptk._native import native
+from pyoptk._nvtx import annotate
+from pyoptk.ops import _native_call as nc
+from pyoptk.ops.mlp_update import (
+    MLPUpdateHyper, _check_list, _check_tensor, _hyper, check_hyper, check_weights,
+    factored_state_shapes, is_factored, matrix_shape, mlp_update_functional, mlp_update_one)
+
+OP = "mlp_step"
+BACKWARD_OP = "mlp_step_backward"
+
+__all__ = ["mlp_step", "mlp_step_reference", "mlp_step_backward_reference"]
+
+_ROLES = ("params", "grads", "moms", "rmss", "fac_rows", "fac_cols", "steps")
+_OUT_ROLES = ("params", "moms", "rmss", "fac_rows", "fac_cols", "steps")
+
+
+# ----------------------------------------------------------------------------------
+# Reference: the forward is the functional step; the backward is autograd over it.
+# ----------------------------------------------------------------------------------
+def mlp_step_reference(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
+                       hp: MLPUpdateHyper) -> Tuple[List[Tensor], ...]:
+    """The specification of ``mlp_step``'s forward: :func:`mlp_update_functional`
+    (differentiable; autograd through it is the specification of the backward)."""
+    return mlp_update_functional(params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                 weights, decays, hp)
+
+
+def mlp_step_backward_reference(inputs, weights, decays, hp: MLPUpdateHyper, cotangents):
+    """Input gradients of the step by autograd over :func:`mlp_update_one`, one tensor at
+    a time (recomputing the forward; nothing is kept from it).
+
+    ``inputs``: the seven lists (params, grads, moms, rmss, fac_rows, fac_cols, steps);
+    ``cotangents``: the five lists of output cotangents (params, moms, rmss, fac_rows,
+    fac_cols; zeros where the output was unused). Returns
+    ``(d_inputs (six lists), d_weights (list), d_decays, d_lr or None)``."""
+    params, grads, moms, rmss, fac_rows, fac_cols, steps = inputs
+    lr_t = hp.lr_t
+    d_w = [torch.zeros_like(w) for w in weights]
+    d_dec = torch.zeros_like(decays)
+    d_lr = torch.zeros_like(lr_t) if lr_t is not None else None
+    outs: List[List[Tensor]] = [[] for _ in range(6)]
+    ts = torch.tensor(hp.timescales, dtype=torch.promote_types(params[0].dtype, torch.float32),
+                      device=params[0].device) if params else None
+    with torch.enable_grad():
+        for i in range(len(params)):
+            leaves = [t.detach().requires_grad_(True) for t in
+                      (params[i], grads[i], moms[i], rmss[i], fac_rows[i], fac_cols[i])]
+            ws = [w.detach().requires_grad_(True) for w in weights]
+            dec = decays.detach().requires_grad_(True)
+            lr = lr_t.detach().requires_grad_(True) if lr_t is not None else None
+            hp_i = _replace_lr(hp, lr)
+            res = mlp_update_one(*leaves, steps[i], ws, dec, hp_i, ts)
+            outs_i = [res[k] for k in range(5)]
+            cts = [c[i] for c in cotangents]
+            pairs = [(o, c) for o, c in zip(outs_i, cts) if o.requires_grad]
+            wrt = leaves + ws + [dec] + ([lr] if lr is not None else [])
+            if pairs:
+                gs = torch.autograd.grad([o for o, _ in pairs], wrt, [c for _, c in pairs],
+                                         allow_unused=True)
+            else:
+                gs = [None] * len(wrt)
+            gs = [torch.zeros_like(x) if gx is None else gx for x, gx in zip(wrt, gs)]
+            for k in range(6):
+                outs[k].append(gs[k])
+            for k in range(len(ws)):
+                d_w[k] += gs[6 + k]
+            d_dec += gs[6 + len(ws)]
+            if lr is not None:
+                d_lr += gs[7 + len(ws)]
+    return tuple(outs), d_w, d_dec, d_lr
+
+
+def _replace_lr(hp: MLPUpdateHyper, lr_t: Optional[Tensor]) -> MLPUpdateHyper:
+    return _hyper(hp.n_mom, hp.n_rms, hp.n_fac, hp.fac_mom_index, hp.log_sign_k,
+                  hp.timescales, hp.eps, hp.norm_eps, hp.fac_eps, hp.exp_mult, hp.step_mult,
+                  hp.lr, lr_t, hp.weight_decay)
+
+
+register_backend(BACKWARD_OP, "torch")(mlp_step_backward_reference)
+
+
+# ----------------------------------------------------------------------------------
+# Backend launchers (backward).
+# ----------------------------------------------------------------------------------
+MAX_WIDTH = 128  # widest hidden layer the native kernel takes (its micro-batch buffers)
+MAX_MOM, MAX_RMS, MAX_FAC = 8, 4, 8  # kMsgMax* in csrc/include/pyoptk/mlp_step_grad_math.h
+
+
+def native_decline_reason(params: Sequence[Tensor], weights: Sequence[Tensor],
+                          hp: MLPUpdateHyper) -> Optional[str]:
+    """Why the native CPU backward cannot run this call, or None."""
+    if any(w.shape[1] > MAX_WIDTH for w in weights[0::2]):
+        return f"a layer wider than {MAX_WIDTH}"
+    if hp.n_mom > MAX_MOM or hp.n_rms > MAX_RMS or hp.n_fac > MAX_FAC:
+        return (f"more than {MAX_MOM} momentum, {MAX_RMS} RMS or {MAX_FAC} factored decays "
+                f"(got {hp.n_mom}, {hp.n_rms}, {hp.n_fac})")
+    if params and params[0].dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                          torch.float16):
+        return f"param dtype {params[0].dtype}"
+    return None
+
+
+@register_backend(BACKWARD_OP, "cpu")
+def _mlp_step_backward_cpu(inputs, weights, decays, hp: MLPUpdateHyper, cotangents):
+    params, grads, moms, rmss, fac_rows, fac_cols, steps = inputs
+    pdtype = params[0].dtype
+    ct = torch.promote_types(pdtype, torch.float32)
+    # bf16/fp16 params: the reference casts p and g to fp32 first (and the new param
+    # back), so the backward runs on fp32 copies and casts the gradients back.
+    cast = (lambda ts: [t.to(ct) for t in ts]) if pdtype != ct else (lambda ts: list(ts))
+    p32, g32 = cast(params), cast(grads)
+    d_p_out = [c.to(ct).contiguous() for c in cotangents[0]]
+    cts = [d_p_out] + [[c.to(ct).contiguous() for c in lst] for lst in cotangents[1:]]
+    outs = [[torch.empty_like(t) for t in lst]
+            for lst in (p32, g32, moms, rmss, fac_rows, fac_cols)]
+    d_w = [torch.empty_like(w) for w in weights]
+    d_dec = torch.empty_like(decays)
+    d_lr = torch.empty((), dtype=ct, device=decays.device) if hp.lr_t is not None else None
+    lr_t = hp.lr_t.to(ct).contiguous() if hp.lr_t is not None else None
+    shapes = [tuple(p.shape) for p in params]
+    rows = [matrix_shape(s)[0] if is_factored(s) else 1 for s in shapes]
+    cols = [matrix_shape(s)[1] if is_factored(s) else math.prod(s) for s in shapes]
+    cfg = native().MLPStepGradConfig(
+        n_mom=hp.n_mom, n_rms=hp.n_rms, n_fac=hp.n_fac, fac_mom_index=hp.fac_mom_index,
+        log_sign_k=hp.log_sign_k, timescales=list(hp.timescales), eps=hp.eps,
+        norm_eps=hp.norm_eps, fac_eps=hp.fac_eps, exp_mult=hp.exp_mult,
+        step_mult=hp.step_mult, lr=hp.lr, lr_ptr=nc.lr_ptr(lr_t),
+        weight_decay=hp.weight_decay, double_precision=(ct == torch.float64))
+    native().mlp_step_grad_cpu(
+        nc.ptrs(p32), nc.ptrs(g32), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),
+        nc.ptrs(fac_cols), nc.ptrs(steps),
+        *[nc.ptrs(c) for c in cts],
+        *[nc.ptrs(o) for o in outs],
+        nc.numels(params), rows, cols, [is_factored(s) for s in shapes],
+        nc.ptrs(weights), [w.shape[0] for w in weights[0::2]] + [2], decays.data_ptr(),
+        nc.ptrs(d_w), d_dec.data_ptr(), 0 if d_lr is None else d_lr.data_ptr(), cfg)
+    if pdtype != ct:
+        outs[0] = [o.to(pdtype) for o in outs[0]]
+        outs[1] = [o.to(pdtype) for o in outs[1]]
+    if d_lr is not None:
+        d_lr = d_lr.to(hp.lr_t.dtype).reshape(hp.lr_t.shape)
+    return tuple(outs), d_w, d_dec, d_lr
+
+
+_warned: set = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(msg, SlowPathWarning, stacklevel=3)
+
+
+def _choose_backward(inputs, weights, hp) -> Callable:
+    """The backward implementation for this call (warning once when it is the slow
+    reference): the native kernel where it runs, else autograd over the reference."""
+    device = inputs[0][0].device
+    chosen = get_backend()
+    if chosen not in ("auto", "cpu", "torch"):
+        # A forced forward backend (cuda/triton) has no backward of its own: pick one.
+        with use_backend("auto"):
+            fn = implementation(BACKWARD_OP, device.type)
+    else:
+        fn = implementation(BACKWARD_OP, device.type)
+    if fn is _mlp_step_backward_cpu:
+        why = native_decline_reason(inputs[0], weights, hp)
+        if why is None:
+            return fn
+        _warn_once(("declined", why),
+                   f"pyoptk::{BACKWARD_OP}: the native CPU backward does not support {why}; "
+                   "autograd over the PyTorch reference runs instead (slower, more memory).")
+        return mlp_step_backward_reference
+    if chosen == "auto" and device.type != "cpu":
+        _warn_once(("device", device.type),
+                   f"pyoptk::{BACKWARD_OP} on {device.type} runs autograd over the PyTorch "
+                   "reference (no fused backward kernel for this device yet): slower and "
+                   "more memory than the CPU kernel.")
+    return fn
+
+
+# ----------------------------------------------------------------------------------
+# Op registration.
+# ----------------------------------------------------------------------------------
+@torch.library.custom_op("pyoptk::mlp_step", mutates_args=())
+def _mlp_step_op(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
+                 rmss: List[Tensor], fac_rows: List[Tensor], fac_cols: List[Tensor],
+                 steps: List[Tensor], weights: List[Tensor], decays: Tensor, n_mom: int,
+                 n_rms: int, n_fac: int, fac_mom_index: int, log_sign_k: float,
+                 timescales: List[float], eps: float, norm_eps: float, fac_eps: float,
+                 exp_mult: float, step_mult: float, lr: float, lr_t: Optional[Tensor],
+                 weight_decay: float
+                 ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor],
+                            List[Tensor], List[Tensor]]:
+    hp = _hyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps,
+                fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay)
+    if params and params[0].dtype == torch.float64:
+        # float64 (gradcheck): the reference; the fused forwards are float32 only.
+        new = mlp_update_functional(params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                    weights, decays, hp)
+        return tuple([t.clone() for t in lst] for lst in new)
+    out = [[t.clone() for t in lst] for lst in (params, moms, rmss, fac_rows, fac_cols, steps)]
+    if params:
+        torch.ops.pyoptk.mlp_update_(
+            out[0], grads, out[1], out[2], out[3], out[4], out[5], weights, decays, n_mom,
+            n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps, fac_eps,
+            exp_mult, step_mult, lr, lr_t, weight_decay)
+    return tuple(out)
+
+
+@_mlp_step_op.register_fake
+def _(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, n_mom, n_rms,
+      n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps, fac_eps, exp_mult,
+      step_mult, lr, lr_t, weight_decay):
+    return tuple([torch.empty_like(t) for t in lst]
+                 for lst in (params, moms, rmss, fac_rows, fac_cols, steps))
+
+
+@torch.library.custom_op("pyoptk::mlp_step_backward", mutates_args=())
+def _mlp_step_backward_op(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
+                          rmss: List[Tensor], fac_rows: List[Tensor], fac_cols: List[Tensor],
+                          steps: List[Tensor], d_params: List[Tensor], d_moms: List[Tensor],
+                          d_rmss: List[Tensor], d_fac_rows: List[Tensor],
+                          d_fac_cols: List[Tensor], weights: List[Tensor], decays: Tensor,
+                          n_mom: int, n_rms: int, n_fac: int, fac_mom_index: int,
+                          log_sign_k: float, timescales: List[float], eps: float,
+                          norm_eps: float, fac_eps: float, exp_mult: float, step_mult: float,
+                          lr: float, lr_t: Optional[Tensor], weight_decay: float
+                          ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor],
+                                     List[Tensor], List[Tensor], List[Tensor], Tensor, Tensor]:
+    """The step's input gradients from its output cotangents (opaque to tracing, so the
+    forward op's backward can be captured by AOT autograd / torch.compile). Returns the
+    gradients of params, grads, moms, rmss, fac_rows, fac_cols, weights, decays and lr_t
+    (an empty tensor when ``lr_t`` is None)."""
+    hp = _hyper(n_mom, n_rms, n_fac, fac_mom_index, log_sign_k, timescales, eps, norm_eps,
+                fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay)
+    inputs = [params, grads, moms, rmss, fac_rows, fac_cols, steps]
+    cts = [d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols]
+    fn = _choose_backward(inputs, weights, hp) if params else mlp_step_backward_reference
+    if fn is not _mlp_step_backward_cpu:
+        # Autograd does not run below the Autograd dispatch key, where this runs: the
+        # reference backward is called by the autograd formula itself (_backward).
+        raise RuntimeError("pyoptk::mlp_step_backward runs the native kernel only; the "
+                           "reference backward is pyoptk.ops.mlp_step.mlp_step_backward_reference")
+    d_in, d_w, d_dec, d_lr = fn(inputs, weights, decays, hp, cts)
+    if d_lr is None:
+        d_lr = decays.new_zeros(0)
+    return (*d_in, d_w, d_dec, d_lr)
+
+
+@_mlp_step_backward_op.register_fake
+def _(params, grads, moms, rmss, fac_rows, fac_cols, steps, d_params, d_moms, d_rmss,
+      d_fac_rows, d_fac_cols, weights, decays, n_mom, n_rms, n_fac, fac_mom_index, log_sign_k,
+      timescales, eps, norm_eps, fac_eps, exp_mult, step_mult, lr, lr_t, weight_decay):
+    d_in = [[torch.empty_like(t) for t in lst]
+            for lst in (params, grads, moms, rmss, fac_rows, fac_cols)]
+    d_lr = torch.empty_like(lr_t) if lr_t is not None else decays.new_empty(0)
+    return (*d_in, [torch.empty_like(w) for w in weights], torch.empty_like(decays), d_lr)
+
+
+def _setup_context(ctx, inputs, output):
+    (params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, *scalars) = inputs
+    lr_t = scalars[12]
+    ctx.n = len(params)
+    ctx.n_w = len(weights)
+    ctx.has_lr = lr_t is not None
+    ctx.scalars = list(scalars[:12]) + [None] + list(scalars[13:])
+    saved = [*params, *grads, *moms, *rmss, *fac_rows, *fac_cols, *steps, *weights, decays]
+    if lr_t is not None:
+        saved.append(lr_t)
+    ctx.save_for_backward(*saved)  # inputs only: the backward recomputes the rest
+
+
+def _backward(ctx, d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols, d_steps):
+    saved = ctx.saved_tensors
+    n, n_w = ctx.n, ctx.n_w
+    lists = [list(saved[k * n:(k + 1) * n]) for k in range(7)]
+    weights = list(saved[7 * n:7 * n + n_w])
+    decays = saved[7 * n + n_w]
+    lr_t = saved[7 * n + n_w + 1] if ctx.has_lr else None
+    s = list(ctx.scalars)
+    s[12] = lr_t
+    hp = _hyper(*s)
+    tail = [None] * 12  # n_mom … lr; an empty timescales list is a (leafless) list node
+    tail[5] = [] if len(s[5]) == 0 else None
+    if n == 0:
+        return ([], [], [], [], [], [], [], [torch.zeros_like(w) for w in weights],
+                torch.zeros_like(decays), *tail, None if lr_t is None else
+                torch.zeros_like(lr_t), None)
+    outs_ref = (lists[0], lists[2], lists[3], lists[4], lists[5])
+    cts = []
+    for lst, ref in zip((d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols), outs_ref):
+        lst = list(lst) if lst is not None else [None] * n
+        cts.append([torch.zeros_like(r) if c is None else c for c, r in zip(lst, ref)])
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        d_in, d_w, d_dec, d_lr = _backward_differentiable(lists, weights, decays, hp, cts)
+    elif _choose_backward(lists, weights, hp) is _mlp_step_backward_cpu:
+        res = torch.ops.pyoptk.mlp_step_backward(*lists, *cts, weights, decays, *s)
+        d_in, d_w, d_dec = res[:6], res[6], res[7]
+        d_lr = res[8] if lr_t is not None else None
+    else:
+        d_in, d_w, d_dec, d_lr = mlp_step_backward_reference(lists, weights, decays, hp, cts)
+    return (*d_in, [None] * n, d_w, d_dec, *tail, d_lr, None)
+
+
+def _backward_differentiable(lists, weights, decays, hp, cts):
+    """Autograd over the reference with ``create_graph=True``: the fused kernel's
+    results are not differentiable, so higher-order gradients take this path.
+
+    The forward is recomputed on aliases (``view_as``) of the inputs, so the gradient
+    with respect to each input is its *local* partial: an input that itself depends on
+    another (a param produced from the weights by the previous step) does not also pick
+    up the path through that dependency, which autograd adds once, upstream."""
+    alias = lambda t: t.view_as(t) if t.requires_grad else t  # noqa: E731
+    lists = [[alias(t) for t in lst] for lst in lists[:6]] + [lists[6]]
+    weights = [alias(w) for w in weights]
+    decays = alias(decays)
+    if hp.lr_t is not None:
+        hp = _replace_lr(hp, alias(hp.lr_t))
+    outs = mlp_update_functional(*lists, weights, decays, hp)
+    flat_out = [t for lst in outs[:5] for t in lst]
+    flat_ct = [c for lst in cts for c in lst]
+    pairs = [(o, c) for o, c in zip(flat_out, flat_ct) if o.requires_grad]
+    wrt = [t for lst in lists[:6] for t in lst] + list(weights) + [decays]
+    if hp.lr_t is not None:
+        wrt.append(hp.lr_t)
+    need = [t for t in wrt if t.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], need, [c for _, c in pairs],
+                              create_graph=True, allow_unused=True) if pairs and need else []
+    got = iter(got)
+    gs = [next(got) if t.requires_grad else None for t in wrt]
+    gs = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, gs)]
+    n = len(lists[0])
+    d_in = tuple(gs[k * n:(k + 1) * n] for k in range(6))
+    rest = gs[6 * n:]
+    d_w, d_dec = rest[:len(weights)], rest[len(weights)]
+    d_lr = rest[len(weights) + 1] if hp.lr_t is not None else None
+    return d_in, d_w, d_dec, d_lr
+
+
+_mlp_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------
+# Public function.
+# ----------------------------------------------------------------------------------
+_F64 = torch.float64
+
+
+@annotate("mlp_step")
+def mlp_step(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[Tensor],
+             rmss: Sequence[Tensor], fac_rows: Sequence[Tensor], fac_cols: Sequence[Tensor],
+             steps: Sequence[Tensor], weights: Sequence[Tensor], decays: Tensor,
+             hp: MLPUpdateHyper) -> Tuple[List[Tensor], ...]:
+    """One differentiable learned-MLP step over lists of tensors.
+
+    Same arguments as :func:`pyoptk.ops.mlp_update_` (``None``-free lists), but
+    functional: returns new lists ``(params, moms, rmss, fac_rows, fac_cols, steps)`` and
+    leaves the inputs untouched. Differentiable with respect to params, grads, moms,
+    rmss, fac_rows, fac_cols, weights, decays and ``hp.lr_t`` (a one-element tensor),
+    with a fused backward that recomputes the step instead of storing it.
+
+    dtypes: params/grads float32, bfloat16 or float16 with float32 state, weights,
+    decays and ``lr_t``; or everything float64 (for ``gradcheck``; the forward then runs
+    the reference).
+    """
+    op = OP
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"{op}: params must be a list of tensors, got {type(params).__name__}")
+    params = _check_list(op, "params", params, len(params))
+    n = len(params)
+    grads = _check_list(op, "grads", grads, n)
+    moms = _check_list(op, "moms", moms, n)
+    rmss = _check_list(op, "rmss", rmss, n)
+    fac_rows = _check_list(op, "fac_rows", fac_rows, n)
+    fac_cols = _check_list(op, "fac_cols", fac_cols, n)
+    steps = _check_list(op, "steps", steps, n)
+    check_hyper(op, hp)
+    if not n:
+        return [], [], [], [], [], []
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, _F64):
+        raise TypeError(f"{op}: params must be float32, bfloat16, float16 or float64, got "
+                        f"{dtype}")
+    sdt = _F64 if dtype == _F64 else torch.float32
+    K, R, F = hp.n_mom, hp.n_rms, hp.n_fac
+    for i, p in enumerate(params):
+        shape = tuple(p.shape)
+        if p.dtype != dtype:
+            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}; "
+                            "one call takes one parameter dtype (split groups by dtype)")
+        _check_tensor(op, f"params[{i}]", p, None, None, device)
+        _check_tensor(op, f"grads[{i}]", grads[i], shape, dtype, device)
+        _check_tensor(op, f"moms[{i}]", moms[i], (K,) + shape, sdt, device)
+        _check_tensor(op, f"rmss[{i}]", rmss[i], (R,) + shape, sdt, device)
+        fr_shape, fc_shape = factored_state_shapes(shape, F)
+        _check_tensor(op, f"fac_rows[{i}]", fac_rows[i], fr_shape, sdt, device)
+        _check_tensor(op, f"fac_cols[{i}]", fac_cols[i], fc_shape, sdt, device)
+        s = steps[i]
+        if s.numel() != 1 or s.dtype != sdt:
+            raise TypeError(f"{op}: steps[{i}] must be a {sdt} tensor with one element, got "
+                            f"{s.dtype} with {s.numel()} elements")
+        _check_tensor(op, f"steps[{i}]", s, None, None, device)
+    check_weights(op, weights, hp.n_features, device, dtype=sdt)
+    if not isinstance(decays, Tensor):
+        raise TypeError(f"{op}: decays must be a {sdt} tensor, got {type(decays).__name__}")
+    _check_tensor(op, "decays", decays, (K + R + F,), sdt, device)
+    lr_t = hp.lr_t
+    if lr_t is not None:
+        if not isinstance(lr_t, Tensor) or lr_t.numel() != 1 or lr_t.dtype != sdt:
+            raise TypeError(f"{op}: hp.lr_t must be a {sdt} tensor with one element")
+        if lr_t.device != device:
+            raise ValueError(f"{op}: hp.lr_t is on {lr_t.device}, expected {device}")
+        lr_f = 0.0
+    else:
+        lr_f = hp.lr
+        if isinstance(lr_f, bool) or not isinstance(lr_f, (int, float)) or not lr_f >= 0.0:
+            raise ValueError(f"{op}: Invalid learning rate: {lr_f!r}")
+        lr_f = float(lr_f)
+    out = torch.ops.pyoptk.mlp_step(
+        params, grads, moms, rmss, fac_rows, fac_cols, steps, list(weights), decays, K, R, F,
+        int(hp.fac_mom_index), float(hp.log_sign_k), [float(t) for t in hp.timescales],
+        float(hp.eps), float(hp.norm_eps), float(hp.fac_eps), float(hp.exp_mult),
+        float(hp.step_mult), lr_f, lr_t, float(hp.weight_decay))
+    return tuple(list(o) for o in out)
