@@ -168,13 +168,13 @@ def test_one_fused_call_per_device_dtype_bucket(monkeypatch):
     """Mixed dtypes in one group are bucketed: one op call per (device, dtype) per group,
     and each param gets exactly the update it would get alone."""
     calls = []
-    real = pyoptk.optim.adamw.adamw_
+    real = pyoptk.optim.adamw.adamw_unchecked_
 
     def counting(params, *args, **kwargs):
         calls.append(sorted({str(p.dtype) for p in params}))
         return real(params, *args, **kwargs)
 
-    monkeypatch.setattr(pyoptk.optim.adamw, "adamw_", counting)
+    monkeypatch.setattr(pyoptk.optim.adamw, "adamw_unchecked_", counting)
     shapes = [(4, 3), (5,), (2, 2), (6,), (3,)]
     dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
     params = [torch.nn.Parameter(p.detach().to(d)) for p, d in zip(make_params(shapes), dtypes)]

@@ -46,6 +46,27 @@ def call_op(op: Callable, kernel: Callable, tensor_lists: Sequence[Sequence[Tens
         return op(*args)
     out = kernel(*args)
     for tensors in mutated:
+        if tensors:
+            _increment_versions(list(tensors))
+    return out
+
+
+def _increment_versions(tensors: list) -> None:
+    if _LIST_BUMP:
+        torch._C._increment_version(tensors)  # one C call for the whole list
+    else:
         for t in tensors:
             torch.autograd.graph.increment_version(t)
-    return out
+
+
+def _list_bump_supported() -> bool:
+    """Older torch's ``_increment_version`` takes one tensor, newer ones a list too."""
+    probe = [torch.zeros(())]
+    try:
+        torch._C._increment_version(probe)
+    except TypeError:
+        return False
+    return probe[0]._version == 1
+
+
+_LIST_BUMP = _list_bump_supported()

@@ -161,7 +161,6 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_t, be
 # ----------------------------------------------------------------------------------
 # Public function.
 # ----------------------------------------------------------------------------------
-@annotate("adamw_")
 def adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
            exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
            max_exp_avg_sqs: Optional[Sequence[Tensor]] = None, lr=1e-3,
@@ -202,10 +201,24 @@ def adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence
     check_nonneg(op, eps=eps, weight_decay=weight_decay)
     device = params[0].device
     check_steps(op, steps, len(params), device)
-    lr_f, lr_t = check_lr(op, lr, device)
+    adamw_unchecked_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
+                     check_lr(op, lr, device), betas, eps, weight_decay, amsgrad, maximize)
+
+
+@annotate("adamw_")
+def adamw_unchecked_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                     exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor],
+                     steps: List[Tensor], lr: Tuple[float, Optional[Tensor]],
+                     betas: Tuple[float, float], eps: float, weight_decay: float,
+                     amsgrad: bool, maximize: bool) -> None:
+    """:func:`adamw_` without its checks, for callers that built valid lists themselves
+    (pyoptk.optim's optimizers: contiguous params of one device and dtype, float32
+    state they created, ``lr`` already split by ``check_lr`` into (float, tensor or
+    None)). The checks cost ~2 µs per tensor, a tenth of a 160-tensor step on CPU."""
+    lr_f, lr_t = lr
     call_op(torch.ops.pyoptk.adamw_, _adamw_dispatch,
             (params, grads, exp_avgs, exp_avg_sqs, steps),
-            (params, exp_avgs, exp_avg_sqs, max_sqs, steps),
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, lr_f, lr_t,
+            (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps),
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_f, lr_t,
             float(betas[0]), float(betas[1]), float(eps), float(weight_decay), bool(amsgrad),
             bool(maximize))

@@ -167,7 +167,6 @@ def _(params, grads, exp_avgs, exp_avg_sqs, steps, lr, lr_t, beta1, beta2, eps,
 # ----------------------------------------------------------------------------------
 # Public function.
 # ----------------------------------------------------------------------------------
-@annotate("lamb_")
 def lamb_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
           exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *, lr=1e-3,
           betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -206,12 +205,22 @@ def lamb_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
                          f"clamp), got {clamp_value!r}")
     device = params[0].device
     check_steps(op, steps, len(params), device)
-    lr_f, lr_t = check_lr(op, lr, device)
+    lamb_unchecked_(params, grads, exp_avgs, exp_avg_sqs, steps, check_lr(op, lr, device),
+                    betas, eps, weight_decay, bias_correction, adam, clamp_value, maximize)
+
+
+@annotate("lamb_")
+def lamb_unchecked_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                    exp_avg_sqs: List[Tensor], steps: List[Tensor],
+                    lr: Tuple[float, Optional[Tensor]], betas: Tuple[float, float],
+                    eps: float, weight_decay: float, bias_correction: bool, adam: bool,
+                    clamp_value: float, maximize: bool) -> None:
+    """:func:`lamb_` without its checks, for callers that built valid lists themselves
+    (see :func:`pyoptk.ops.adamw.adamw_unchecked_`)."""
+    lr_f, lr_t = lr
     call_op(torch.ops.pyoptk.lamb_, _lamb_dispatch,
             (params, grads, exp_avgs, exp_avg_sqs, steps),
             (params, exp_avgs, exp_avg_sqs, steps),
             params, grads, exp_avgs, exp_avg_sqs, steps, lr_f, lr_t, float(betas[0]),
             float(betas[1]), float(eps), float(weight_decay), bool(bias_correction),
             bool(adam), float(clamp_value), bool(maximize))
-
-

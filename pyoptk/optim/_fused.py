@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -70,12 +70,13 @@ def check_clamp_value(clamp_value: Any, where: str = "") -> None:
                          f"float, math.inf for no clamp){where}")
 
 
-def lr_for(lr: Any, device: torch.device) -> Any:
-    """A float lr as is; a tensor lr as the float32 tensor on ``device`` the ops read
-    on device (no copy when it already is one)."""
+def split_lr(lr: Any, device: torch.device) -> Tuple[float, Optional[Tensor]]:
+    """A group's lr as the ops' unchecked entry points take it: ``(lr, None)`` for a
+    float; ``(0.0, t)`` for a tensor, ``t`` the float32 one-element tensor on ``device``
+    that the kernels read on device (no copy when it already is one)."""
     if isinstance(lr, Tensor):
-        return lr.to(device=device, dtype=torch.float32)
-    return lr
+        return 0.0, lr.to(device=device, dtype=torch.float32)
+    return float(lr), None
 
 
 @dataclass

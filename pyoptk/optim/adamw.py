@@ -7,8 +7,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
-from pyoptk.ops import adamw_
-from pyoptk.optim._fused import Bucket, FusedOptimizer, check_adam_args, lr_for
+from pyoptk.ops.adamw import adamw_unchecked_
+from pyoptk.optim._fused import Bucket, FusedOptimizer, check_adam_args, split_lr
 
 __all__ = ["AdamW"]
 
@@ -93,8 +93,9 @@ class AdamW(FusedOptimizer):
         return self._state_keys + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _fused_step(self, group: Dict[str, Any], bucket: Bucket) -> None:
-        adamw_(bucket.params, bucket.grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
-               bucket.steps, max_exp_avg_sqs=bucket.state.get("max_exp_avg_sq"),
-               lr=lr_for(group["lr"], bucket.params[0].device), betas=group["betas"],
-               eps=group["eps"], weight_decay=group["weight_decay"],
-               amsgrad=group["amsgrad"], maximize=group["maximize"])
+        # The lists are valid by construction (_init_group): skip the op's checks.
+        adamw_unchecked_(bucket.params, bucket.grads, bucket.state["exp_avg"],
+                         bucket.state["exp_avg_sq"], bucket.state.get("max_exp_avg_sq", []),
+                         bucket.steps, split_lr(group["lr"], bucket.params[0].device),
+                         group["betas"], group["eps"], group["weight_decay"],
+                         group["amsgrad"], group["maximize"])

@@ -6,9 +6,9 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 from torch import Tensor
 
-from pyoptk.ops import lamb_
+from pyoptk.ops.lamb import lamb_unchecked_
 from pyoptk.optim._fused import (
-    Bucket, FusedOptimizer, check_adam_args, check_clamp_value, lr_for)
+    Bucket, FusedOptimizer, check_adam_args, check_clamp_value, split_lr)
 
 __all__ = ["LAMB"]
 
@@ -82,8 +82,9 @@ class LAMB(FusedOptimizer):
         check_clamp_value(group["clamp_value"], where)
 
     def _fused_step(self, group: Dict[str, Any], bucket: Bucket) -> None:
-        lamb_(bucket.params, bucket.grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
-              bucket.steps, lr=lr_for(group["lr"], bucket.params[0].device),
-              betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-              bias_correction=group["bias_correction"], adam=group["adam"],
-              clamp_value=group["clamp_value"], maximize=group["maximize"])
+        # The lists are valid by construction (_init_group): skip the op's checks.
+        lamb_unchecked_(bucket.params, bucket.grads, bucket.state["exp_avg"],
+                        bucket.state["exp_avg_sq"], bucket.steps,
+                        split_lr(group["lr"], bucket.params[0].device), group["betas"],
+                        group["eps"], group["weight_decay"], group["bias_correction"],
+                        group["adam"], group["clamp_value"], group["maximize"])
