@@ -238,7 +238,7 @@ void check_mlp_update(const char* fn, const PtrList& params, const PtrList& grad
 
 // mlp_step_grad_cpu: table lengths, widths, feature-config limits, null pointers.
 void check_mlp_step_grad(const pyoptk::MLPStepGradTensors& a,
-                         const pyoptk::MLPStepGradConfig& c) {
+                         const pyoptk::MLPUpdateConfig& c) {
   const char* fn = "mlp_step_grad_cpu";
   const SizeList& numels = a.numels;
   check_numels(fn, numels);
@@ -686,38 +686,6 @@ PYBIND11_MODULE(_C, m) {
       "Gradient centralization on CUDA tensors (one launch per <=1024 tensors).");
 
   // ---- differentiable learned-MLP step: fused backward ------------------------------------
-  using pyoptk::MLPStepGradConfig;
-  py::class_<MLPStepGradConfig>(m, "MLPStepGradConfig",
-                                "Constants of one mlp_step_grad_cpu call.")
-      .def(py::init([](int n_mom, int n_rms, int n_fac, int fac_mom_index, double log_sign_k,
-                       std::vector<double> timescales, double eps, double norm_eps,
-                       double fac_eps, double exp_mult, double step_mult, double lr,
-                       uintptr_t lr_ptr, double weight_decay, bool double_precision) {
-             MLPStepGradConfig c;
-             c.n_mom = n_mom;
-             c.n_rms = n_rms;
-             c.n_fac = n_fac;
-             c.fac_mom_index = fac_mom_index;
-             c.log_sign_k = log_sign_k;
-             c.timescales = std::move(timescales);
-             c.eps = eps;
-             c.norm_eps = norm_eps;
-             c.fac_eps = fac_eps;
-             c.exp_mult = exp_mult;
-             c.step_mult = step_mult;
-             c.lr = lr;
-             c.lr_ptr = lr_ptr;
-             c.weight_decay = weight_decay;
-             c.double_precision = double_precision;
-             return c;
-           }),
-           py::kw_only(), py::arg("n_mom"), py::arg("n_rms"), py::arg("n_fac"),
-           py::arg("fac_mom_index"), py::arg("log_sign_k"), py::arg("timescales"),
-           py::arg("eps"), py::arg("norm_eps"), py::arg("fac_eps"), py::arg("exp_mult"),
-           py::arg("step_mult"), py::arg("lr"), py::arg("lr_ptr") = 0,
-           py::arg("weight_decay") = 0.0, py::arg("double_precision") = false)
-      .def_readonly("n_mom", &MLPStepGradConfig::n_mom)
-      .def_readonly("double_precision", &MLPStepGradConfig::double_precision);
   m.def(
       "mlp_step_grad_cpu",
       [](const PtrList& params, const PtrList& grads, const PtrList& moms, const PtrList& rmss,
@@ -729,7 +697,7 @@ PYBIND11_MODULE(_C, m) {
          const SizeList& rows, const SizeList& cols, const std::vector<bool>& factored,
          const PtrList& weights, const SizeList& widths, uintptr_t decays,
          const PtrList& d_weights, uintptr_t d_decays, uintptr_t d_lr,
-         const MLPStepGradConfig& cfg) {
+         const pyoptk::MLPUpdateConfig& cfg, bool double_precision) {
         pyoptk::MLPStepGradTensors a{params, grads, moms, rmss, fac_rows, fac_cols, steps,
                                      d_params_out, d_moms_out, d_rmss_out, d_fac_rows_out,
                                      d_fac_cols_out, d_params, d_grads, d_moms, d_rmss,
@@ -739,7 +707,7 @@ PYBIND11_MODULE(_C, m) {
         check_mlp_step_grad(a, cfg);
         if (cfg.lr_ptr == 0 && d_lr != 0) bad("mlp_step_grad_cpu", "d_lr needs lr_ptr");
         py::gil_scoped_release nogil;
-        pyoptk::mlp_step_grad_cpu(a, cfg);
+        pyoptk::mlp_step_grad_cpu(a, cfg, double_precision);
       },
       py::arg("params"), py::arg("grads"), py::arg("moms"), py::arg("rmss"),
       py::arg("fac_rows"), py::arg("fac_cols"), py::arg("steps"), py::arg("d_params_out"),
@@ -748,7 +716,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("d_rmss"), py::arg("d_fac_rows"), py::arg("d_fac_cols"), py::arg("numels"),
       py::arg("rows"), py::arg("cols"), py::arg("factored"), py::arg("weights"),
       py::arg("widths"), py::arg("decays"), py::arg("d_weights"), py::arg("d_decays"),
-      py::arg("d_lr"), py::arg("cfg"),
+      py::arg("d_lr"), py::arg("cfg"), py::arg("double_precision"),
       "Input gradients of the learned-MLP step from its output cotangents (CPU, float32 or "
       "float64; recomputes the forward, three passes, deterministic).");
 }

@@ -229,7 +229,7 @@ struct MlpBackwardK {
 };
 
 template <typename T>
-void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cfg) {
+void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg) {
   const size_t nt = a.numels.size();
   const int K = cfg.n_mom, R = cfg.n_rms, F = cfg.n_fac;
   const int KR = K + R, KRF = K + R + F;
@@ -761,8 +761,9 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPStepGradConfig& cf
 
 }  // namespace
 
-void mlp_step_grad_cpu(const MLPStepGradTensors& tensors, const MLPStepGradConfig& cfg) {
-  if (cfg.double_precision) {
+void mlp_step_grad_cpu(const MLPStepGradTensors& tensors, const MLPUpdateConfig& cfg,
+                       bool double_precision) {
+  if (double_precision) {
     mlp_step_grad_impl<double>(tensors, cfg);
   } else {
     mlp_step_grad_impl<float>(tensors, cfg);

@@ -50,7 +50,8 @@ from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
 from pyoptk.ops.mlp_update import (
     MLPUpdateHyper, _check_list, _check_tensor, _hyper, check_hyper, check_weights,
-    factored_state_shapes, is_factored, matrix_shape, mlp_update_functional, mlp_update_one)
+    factored_state_shapes, is_factored, matrix_shape, mlp_update_functional, mlp_update_one,
+    native_mlp_config)
 
 OP = "mlp_step"
 BACKWARD_OP = "mlp_step_backward"
@@ -167,12 +168,7 @@ def _mlp_step_backward_cpu(inputs, weights, decays, hp: MLPUpdateHyper, cotangen
     shapes = [tuple(p.shape) for p in params]
     rows = [matrix_shape(s)[0] if is_factored(s) else 1 for s in shapes]
     cols = [matrix_shape(s)[1] if is_factored(s) else math.prod(s) for s in shapes]
-    cfg = native().MLPStepGradConfig(
-        n_mom=hp.n_mom, n_rms=hp.n_rms, n_fac=hp.n_fac, fac_mom_index=hp.fac_mom_index,
-        log_sign_k=hp.log_sign_k, timescales=list(hp.timescales), eps=hp.eps,
-        norm_eps=hp.norm_eps, fac_eps=hp.fac_eps, exp_mult=hp.exp_mult,
-        step_mult=hp.step_mult, lr=hp.lr, lr_ptr=nc.lr_ptr(lr_t),
-        weight_decay=hp.weight_decay, double_precision=(ct == torch.float64))
+    cfg = native_mlp_config(hp, lr_t)
     native().mlp_step_grad_cpu(
         nc.ptrs(p32), nc.ptrs(g32), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),
         nc.ptrs(fac_cols), nc.ptrs(steps),
@@ -180,7 +176,8 @@ def _mlp_step_backward_cpu(inputs, weights, decays, hp: MLPUpdateHyper, cotangen
         *[nc.ptrs(o) for o in outs],
         nc.numels(params), rows, cols, [is_factored(s) for s in shapes],
         nc.ptrs(weights), [w.shape[0] for w in weights[0::2]] + [2], decays.data_ptr(),
-        nc.ptrs(d_w), d_dec.data_ptr(), 0 if d_lr is None else d_lr.data_ptr(), cfg)
+        nc.ptrs(d_w), d_dec.data_ptr(), 0 if d_lr is None else d_lr.data_ptr(), cfg,
+        ct == torch.float64)
     if pdtype != ct:
         outs[0] = [o.to(pdtype) for o in outs[0]]
         outs[1] = [o.to(pdtype) for o in outs[1]]

@@ -401,13 +401,17 @@ def _present(params, grads, moms, rmss, fac_rows, fac_cols, steps):
                  for xs in (params, grads, moms, rmss, fac_rows, fac_cols, steps))
 
 
-def _native_mlp_config(hp: MLPUpdateHyper):
+def native_mlp_config(hp: MLPUpdateHyper, lr_t: Optional[Tensor] = None):
+    """``hp`` as ``pyoptk._C.MLPUpdateConfig`` (also taken by the fused backward of
+    :mod:`pyoptk.ops.mlp_step`). ``lr_t`` overrides ``hp.lr_t`` (the backward passes it
+    in its compute dtype)."""
+    lr_t = hp.lr_t if lr_t is None else lr_t
     return native().MLPUpdateConfig(
         n_mom=hp.n_mom, n_rms=hp.n_rms, n_fac=hp.n_fac, fac_mom_index=hp.fac_mom_index,
         log_sign_k=float(hp.log_sign_k), timescales=[float(t) for t in hp.timescales],
         eps=float(hp.eps), norm_eps=float(hp.norm_eps), fac_eps=float(hp.fac_eps),
         exp_mult=float(hp.exp_mult), step_mult=float(hp.step_mult), lr=float(hp.lr),
-        lr_ptr=nc.lr_ptr(hp.lr_t), weight_decay=float(hp.weight_decay),
+        lr_ptr=nc.lr_ptr(lr_t), weight_decay=float(hp.weight_decay),
         # torch.set_num_threads governs the native loops too (passed explicitly: the
         # OpenMP default of pyoptk._C need not be torch's setting).
         num_threads=torch.get_num_threads())
@@ -439,7 +443,7 @@ def _mlp_update_cpu(params, grads, moms, rmss, fac_rows, fac_cols, steps, weight
         nc.ptrs(params), nc.ptrs(grads), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),
         nc.ptrs(fac_cols), nc.ptrs(steps), nc.numels(params), rows, cols,
         nc.dtype_code(params[0].dtype), nc.ptrs(weights), widths, decays.data_ptr(),
-        _native_mlp_config(hp))
+        native_mlp_config(hp))
 
 
 @register_backend(OP, "triton")

@@ -76,19 +76,6 @@ struct MLPUpdateConfig {
   mlp::MLPDims dims() const { return mlp::MLPDims{n_mom, n_rms, n_fac, fac_mom_index}; }
 };
 
-// Differentiable learned-MLP step, fused backward (pyoptk._C.MLPStepGradConfig).
-struct MLPStepGradConfig {
-  int n_mom = 5, n_rms = 1, n_fac = 3, fac_mom_index = 2;
-  double log_sign_k = 10.0;
-  std::vector<double> timescales;
-  double eps = 1e-16, norm_eps = 1e-12, fac_eps = 1e-30;
-  double exp_mult = 1e-3, step_mult = 1e-3;
-  double lr = 1.0;
-  uintptr_t lr_ptr = 0;  // one element of the compute type overriding lr, or 0
-  double weight_decay = 0.0;
-  bool double_precision = false;  // every tensor float64 (else float32)
-};
-
 // Tensor tables of mlp_step_grad_cpu: per parameter tensor, the step's inputs, the
 // cotangents of its outputs, and the gradients to write (all of the compute type,
 // contiguous, shaped as in pyoptk.ops.mlp_update). rows/cols: the (rows, cols) view of
@@ -146,7 +133,10 @@ void mlp_update_cpu(const PtrList& params, const PtrList& grads, const PtrList& 
 const char* cpu_loop_isa();
 
 // Fused backward of the differentiable learned-MLP step (recomputes the forward).
-void mlp_step_grad_cpu(const MLPStepGradTensors& tensors, const MLPStepGradConfig& cfg);
+// cfg: the rule's constants, as for mlp_update_cpu (num_threads unused: the OpenMP
+// default). double_precision: every tensor float64 (else float32).
+void mlp_step_grad_cpu(const MLPStepGradTensors& tensors, const MLPUpdateConfig& cfg,
+                       bool double_precision);
 
 // ---- CUDA -----------------------------------------------------------------------------
 #ifdef PYOPTK_WITH_CUDA
