@@ -20,6 +20,8 @@ DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:
+    import torch  # noqa: F401  (first: _C uses the libgomp.so.1 that torch loads)
+
     try:
         from pyoptk import _C  # type: ignore[attr-defined]
     except ImportError as exc:  # not built, or built for another platform
