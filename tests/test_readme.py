@@ -8,7 +8,8 @@ import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 # Sections whose ```python blocks must run as they are.
-SECTIONS = ["Learned optimizers"]
+SECTIONS = ["Quick start: replace `torch.optim.AdamW`", "Learned optimizers",
+            "Calling the fused ops from your own loop"]
 
 
 def _blocks():
