@@ -223,7 +223,9 @@ template <typename T>
 struct MlpBatch {
   int L, n_elem;
   const int64_t* widths;   // (n_features, hidden..., 2)
-  const T* const* W;       // (in, out) per layer
+  const T* const* Wt;      // (out, in) per layer: the transposed weights (layer 0: its
+                           // first n_elem rows only)
+  const T* zeros;          // (max width,) zero bias of the transposed products
   const T* X;              // (n_elem, kB) inputs
   T* const* act;           // per layer (out, kB): ReLU outputs, raw for the last layer
   T *dA, *dZ, *dZT;        // (max width, kB) cotangent buffers; dA holds (2, kB) on entry
@@ -234,6 +236,40 @@ struct MlpBatch {
 
 // dA (2, kB) = cotangents of (d, a) on entry; on exit dA (n_elem, kB) = cotangents of the
 // per-element features; dW and db0 accumulated.
+// dW_l[i][j] += sum_b A[i][b] * dZT[b][j] for BI rows i0.. and JW columns j0.. of the
+// zero-padded dZT (only j < out are stored): the sum over the block's lanes b in lane
+// order with fused multiply-adds, then added to the double partial. BI x JW independent
+// accumulators (vectorized over j), as the forward's mlp_layer_cols.
+template <typename T, int BI, int JW>
+PYOPTK_HD void dw_tile(const T* PYOPTK_RESTRICT A, const T* PYOPTK_RESTRICT dZT, int op, int out,
+                       int i0, int j0, double* PYOPTK_RESTRICT dWl) {
+  T acc[BI][JW];
+#pragma GCC unroll 8
+  for (int ii = 0; ii < BI; ++ii) {
+    PYOPTK_LANES
+    for (int jj = 0; jj < JW; ++jj) acc[ii][jj] = T(0);
+  }
+  for (int b = 0; b < kB; ++b) {
+    const T* d = dZT + b * op + j0;
+#pragma GCC unroll 8
+    for (int ii = 0; ii < BI; ++ii) {
+      const T x = A[(i0 + ii) * kB + b];
+      PYOPTK_LANES
+      for (int jj = 0; jj < JW; ++jj) acc[ii][jj] = mlp::fma_rn(x, d[jj], acc[ii][jj]);
+    }
+  }
+  const int nj = out - j0 < JW ? out - j0 : JW;
+  for (int ii = 0; ii < BI; ++ii)
+    for (int jj = 0; jj < nj; ++jj) dWl[(i0 + ii) * out + j0 + jj] += static_cast<double>(acc[ii][jj]);
+}
+
+template <typename T, int BI>
+PYOPTK_HD void dw_rows(const T* A, const T* dZT, int op, int out, int i0, double* dWl) {
+  int j0 = 0;
+  for (; j0 + 2 * kJB <= op; j0 += 2 * kJB) dw_tile<T, BI, 2 * kJB>(A, dZT, op, out, i0, j0, dWl);
+  for (; j0 < op; j0 += kJB) dw_tile<T, BI, kJB>(A, dZT, op, out, i0, j0, dWl);
+}
+
 template <typename T>
 struct MlpBackwardK {
   PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
@@ -243,7 +279,6 @@ struct MlpBackwardK {
       const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
       const int out = static_cast<int>(m.widths[l + 1]);
       const T* A_in = (l == 0) ? m.X : m.act[l - 1];
-      const T* Wl = m.W[l];
       const T* Z = m.act[l];
       // dZ = dA (masked by the ReLU for hidden layers); also its transpose dZT [b][op],
       // zero-padded to a multiple of kJB columns so the sums below vectorize over j.
@@ -262,7 +297,7 @@ struct MlpBackwardK {
       double* dWl = m.dW + m.w_off[2 * l];
       double* dbl = m.dW + m.w_off[2 * l + 1];
       for (int j0 = 0; j0 < op; j0 += kJB) {
-        const int nj = std::min(kJB, out - j0);
+        const int nj = out - j0 < kJB ? out - j0 : kJB;
         T acc[kJB];
         for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
         for (int b = 0; b < kB; ++b) {
@@ -273,28 +308,13 @@ struct MlpBackwardK {
           dbl[j0 + jj] += static_cast<double>(acc[jj]);
           if (l == 0) m.db0[j0 + jj] += static_cast<double>(acc[jj]);
         }
-        for (int i = 0; i < in; ++i) {
-          const T* ai = A_in + i * kB;
-          for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
-          for (int b = 0; b < kB; ++b) {
-            const T x = ai[b];
-            const T* d = m.dZT + b * op + j0;
-            for (int jj = 0; jj < kJB; ++jj) acc[jj] += x * d[jj];
-          }
-          for (int jj = 0; jj < nj; ++jj) dWl[i * out + j0 + jj] += static_cast<double>(acc[jj]);
-        }
       }
-      // dA_in[i][b] = sum_j W[i][j] dZ[j][b]
-      for (int i = 0; i < in; ++i) {
-        T acc[kB];
-        for (int b = 0; b < kB; ++b) acc[b] = T(0);
-        for (int j = 0; j < out; ++j) {
-          const T wij = Wl[i * out + j];
-          const T* dzj = m.dZ + j * kB;
-          for (int b = 0; b < kB; ++b) acc[b] += wij * dzj[b];
-        }
-        for (int b = 0; b < kB; ++b) m.dA[(i * kB + b)] = acc[b];
-      }
+      int i0 = 0;
+      for (; i0 + 4 <= in; i0 += 4) dw_rows<T, 4>(A_in, m.dZT, op, out, i0, dWl);
+      for (; i0 < in; ++i0) dw_rows<T, 1>(A_in, m.dZT, op, out, i0, dWl);
+      // dA_in[i][b] = sum_j W[i][j] dZ[j][b]: the forward's layer product with the
+      // transposed weights Wt_l (out, in) and a zero bias (fused multiply-adds in j order)
+      mlp::mlp_layer<T, kB>(m.dZ, out, m.Wt[l], in, m.zeros, false, m.dA);
     }
   }
 };
@@ -554,6 +574,20 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   int max_w = 2;
   for (size_t l = 0; l < a.widths.size(); ++l) max_w = std::max<int>(max_w, static_cast<int>(a.widths[l]));
 
+  // Transposed weights for the cotangent products dA_in = W dZ.
+  std::vector<std::vector<T>> Wt(static_cast<size_t>(L));
+  std::vector<const T*> Wt_ptrs(static_cast<size_t>(L));
+  for (int l = 0; l < L; ++l) {
+    const int in = l == 0 ? n_elem : static_cast<int>(a.widths[l]);
+    const int out = static_cast<int>(a.widths[l + 1]);
+    std::vector<T>& t = Wt[static_cast<size_t>(l)];
+    t.resize(static_cast<size_t>(in * out));
+    for (int i = 0; i < in; ++i)
+      for (int j = 0; j < out; ++j) t[static_cast<size_t>(j * in + i)] = W[l][i * out + j];
+    Wt_ptrs[static_cast<size_t>(l)] = t.data();
+  }
+  const std::vector<T> zeros(static_cast<size_t>(std::max(max_w, n_elem)), T(0));
+
   cpu::parallel_for(n_slots, [&](int64_t slot) {
     const int64_t t_begin = slot * n_tiles / n_slots, t_end = (slot + 1) * n_tiles / n_slots;
     double* dW = &slot_dw[static_cast<size_t>(slot * n_w)];
@@ -592,7 +626,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
         continue;
       }
       ba.w = &w;
-      const MlpBatch<T> mb{L, n_elem, a.widths.data(), W.data(), blk.x, act_ptrs.data(),
+      const MlpBatch<T> mb{L, n_elem, a.widths.data(), Wt_ptrs.data(), zeros.data(), blk.x, act_ptrs.data(),
                            dA.data(), dZ.data(), dZT.data(), dW, w_off.data(),
                            pp + pl.off_db0()};
       for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
