@@ -491,9 +491,9 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
 
   // ---- finalize 1 (per tensor): the forward's finalize ----------------------------------
   const T* W0 = W[0];
-  for (size_t t = 0; t < nt; ++t) {
-    Work<T>& w = ws[t];
-    if (w.n == 0) continue;
+  cpu::parallel_for(static_cast<int64_t>(nt), [&](int64_t tt) {  // tensors independent
+    Work<T>& w = ws[static_cast<size_t>(tt)];
+    if (w.n == 0) return;
     std::vector<double> sum(static_cast<size_t>(P), 0.0);
     bool finite = true;
     for (int64_t ti = w.first_tile; ti < w.end_tile; ++ti) {
@@ -502,7 +502,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       finite = finite && pp[pl.off_finite()] != 0.0;
     }
     w.finite = finite;
-    if (!finite) continue;
+    if (!finite) return;
     const double nd = static_cast<double>(w.n);
     w.s.resize(static_cast<size_t>(N));
     for (int i = 0; i < N; ++i) {
@@ -565,7 +565,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
     w.b0eff.resize(static_cast<size_t>(H0));
     mlp::mlp_folded_bias<T>(tstep, timescales.data(), n_time, W0, bias[0], n_elem, H0,
                             w.b0eff.data());
-  }
+  });
   std::fill(part.begin(), part.end(), 0.0);
 
   // ---- pass B1 ---------------------------------------------------------------------------
@@ -733,17 +733,22 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   });
 
   // ---- finalize 2 (per tensor) ----------------------------------------------------------
-  std::vector<double> ddec(static_cast<size_t>(KRF), 0.0);
-  double dlr = 0.0;
-  std::vector<double> dW_time(static_cast<size_t>(n_time * H0), 0.0);
-  for (size_t t = 0; t < nt; ++t) {
+  // Parallel over tensors; each tensor's contributions to the decay, lr and time-row
+  // gradients are kept apart and summed in tensor order below.
+  const size_t n_red = static_cast<size_t>(KRF + 1 + n_time * H0);
+  std::vector<double> red(nt * n_red, 0.0);
+  cpu::parallel_for(static_cast<int64_t>(nt), [&](int64_t tt) {
+    const size_t t = static_cast<size_t>(tt);
     Work<T>& w = ws[t];
+    double* ddec = &red[t * n_red];
+    double& dlr = ddec[KRF];
+    double* dW_time = ddec + KRF + 1;
     if (w.n == 0 || !w.finite) {  // cotangents of the row/col accumulators pass through
       if (w.factored) {
         for (int64_t i = 0; i < F * w.rows; ++i) w.dfr0[i] = w.Gfr[i];
         for (int64_t i = 0; i < F * w.cols; ++i) w.dfc0[i] = w.Gfc[i];
       }
-      continue;
+      return;
     }
     std::vector<double> sum(static_cast<size_t>(P), 0.0);
     for (int64_t ti = w.first_tile; ti < w.end_tile; ++ti) {
@@ -757,11 +762,11 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       w.kappa[static_cast<size_t>(i)] =
           static_cast<T>(-(si * si * si) * sum[static_cast<size_t>(pl.off_A() + i)] / nd);
     }
-    for (int i = 0; i < KRF; ++i) ddec[static_cast<size_t>(i)] += sum[static_cast<size_t>(pl.off_dec() + i)];
+    for (int i = 0; i < KRF; ++i) ddec[i] += sum[static_cast<size_t>(pl.off_dec() + i)];
     dlr += sum[static_cast<size_t>(pl.off_lr())];
     for (int j = 0; j < n_time; ++j) {
       for (int h = 0; h < H0; ++h) {
-        dW_time[static_cast<size_t>(j * H0 + h)] +=
+        dW_time[j * H0 + h] +=
             static_cast<double>(w.tf[static_cast<size_t>(j)]) * sum[static_cast<size_t>(pl.off_db0() + h)];
       }
     }
@@ -824,7 +829,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
           dgam += dC * (static_cast<double>(w.fc0[i]) - static_cast<double>(w.cm[static_cast<size_t>(c)]));
           w.coefC[static_cast<size_t>(c)] += static_cast<T>((1.0 - gam) * dC / rows_d);
         }
-        ddec[static_cast<size_t>(KR + f)] += dgam;
+        ddec[KR + f] += dgam;
       }
     } else {
       w.cu.resize(static_cast<size_t>(F));
@@ -833,6 +838,15 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
         w.cu[static_cast<size_t>(f)] = static_cast<T>(cu);
       }
     }
+  });
+  std::vector<double> ddec(static_cast<size_t>(KRF), 0.0);
+  double dlr = 0.0;
+  std::vector<double> dW_time(static_cast<size_t>(n_time * H0), 0.0);
+  for (size_t t = 0; t < nt; ++t) {
+    const double* r = &red[t * n_red];
+    for (int i = 0; i < KRF; ++i) ddec[static_cast<size_t>(i)] += r[i];
+    dlr += r[KRF];
+    for (int i = 0; i < n_time * H0; ++i) dW_time[static_cast<size_t>(i)] += r[KRF + 1 + i];
   }
   // The 0/1-dim factored decay terms of dvbar need sum(u0 - g^2 - fac_eps): B2 sums them
   // per tile (below).
