@@ -217,6 +217,101 @@ struct B1ForwardK {
   }
 };
 
+// B2's per-block scratch: cotangent lane arrays and per-lane decay partials.
+template <typename T>
+struct B2Scratch {
+  std::vector<T> buf;
+  T *dP, *dm, *dv, *dg, *dp, *dm0, *dv0;
+  std::vector<double> dec;  // (K+R+F, kB) per-lane partials of the decay cotangents
+  B2Scratch(int K, int R, int F, int N) {
+    buf.assign(static_cast<size_t>(kB) * (N + 2 * K + 2 * R + 2), T(0));
+    T* q = buf.data();
+    auto take = [&](int planes) {
+      T* r = q;
+      q += static_cast<size_t>(planes) * kB;
+      return r;
+    };
+    dP = take(N);
+    dm = take(K);
+    dv = take(R);
+    dg = take(1);
+    dp = take(1);
+    dm0 = take(K);
+    dv0 = take(R);
+    dec.assign(static_cast<size_t>((K + R + F) * kB), 0.0);
+  }
+};
+
+// B2 on one block: the terms through the per-tensor reductions, vectorized over lanes.
+template <typename T>
+struct B2K {
+  PYOPTK_LOOP void run(const BlockArgs<T>* ap, const MsgScalars<T>* scp, B2Scratch<T>* sp) {
+    const BlockArgs<T>& a = *ap;
+    const MsgScalars<T>& sc = *scp;
+    B2Scratch<T>& s = *sp;
+    const Work<T>& w = *a.w;
+    const Block<T>& b = *a.bl;
+    const int K = sc.K, R = sc.R, F = sc.F, N = sc.N, KR = K + R;
+    const int nb = a.nb;
+    const int64_t n = w.n, e0 = a.e0;
+    recompute_planes(a);
+    for (int i = 0; i < N; ++i) {
+      const T kap = w.kappa[static_cast<size_t>(i)];
+      PYOPTK_LANES
+      for (int l = 0; l < kB; ++l) s.dP[i * kB + l] = kap * b.P[i * kB + l];
+    }
+    for (int l = 0; l < kB * K; ++l) s.dm[l] = T(0);
+    for (int l = 0; l < kB * R; ++l) s.dv[l] = T(0);
+    for (int l = 0; l < kB; ++l) {
+      s.dg[l] = T(0);
+      s.dp[l] = T(0);
+    }
+    msg_planes_vjp_lanes<T, kB>(sc, b.g, b.P, b.m0, b.v0, s.dP, s.dm, s.dv, s.dg, s.dp, s.dm0,
+                                s.dv0, s.dec.data(), nb);
+    for (int k = 0; k < K; ++k) {
+      T* o = w.dm0 + k * n + e0;
+      const T* d = s.dm0 + k * kB;
+      for (int l = 0; l < nb; ++l) o[l] += d[l];
+    }
+    for (int j = 0; j < R; ++j) {
+      T* o = w.dv0 + j * n + e0;
+      const T* d = s.dv0 + j * kB;
+      for (int l = 0; l < nb; ++l) o[l] += d[l];
+    }
+    if (w.factored) {
+      if (F > 0) {
+        int64_t r = e0 / w.cols, c = e0 - (e0 / w.cols) * w.cols;
+        for (int l = 0; l < nb; ++l) {
+          s.dg[l] += T(2) * b.g[l] *
+                     (w.coefR[static_cast<size_t>(r)] + w.coefC[static_cast<size_t>(c)]);
+          if (++c == w.cols) {
+            c = 0;
+            ++r;
+          }
+        }
+      }
+    } else {
+      for (int f = 0; f < F; ++f) {
+        const T gam = sc.dec[KR + f], cu = w.cu[static_cast<size_t>(f)];
+        T* dfr = w.dfr0 + f * n + e0;
+        const T* fr = w.fr0 + f * n + e0;
+        double* pd = s.dec.data() + (KR + f) * kB;
+        for (int l = 0; l < nb; ++l) {
+          dfr[l] += gam * cu;
+          s.dg[l] += T(2) * b.g[l] * ((T(1) - gam) * cu);
+          pd[l] += static_cast<double>(cu * (fr[l] - mlp::fac_input(b.g[l], sc.fac_eps)));
+        }
+      }
+    }
+    T* og = w.dg + e0;
+    T* op = w.dp + e0;
+    for (int l = 0; l < nb; ++l) {
+      og[l] += s.dg[l];
+      op[l] += s.dp[l];
+    }
+  }
+};
+
 // One block through the MLP's backward, SoA buffers [feature][lane]. Kept free of
 // lambdas and calls so that cpu::run_loop compiles it for AVX2 / AVX-512 as well.
 template <typename T>
@@ -859,49 +954,24 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
     Work<T>& w = ws[static_cast<size_t>(tl.t)];
     if (!w.finite) return;
     double* pp = &part2[static_cast<size_t>(ti * P2)];
-    const int64_t n = w.n;
     Block<T> blk(K, R, F, N, n_elem);
     BlockArgs<T> ba = args0;
     ba.w = &w;
     ba.bl = &blk;
+    B2Scratch<T> scr(K, R, F, N);
     for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
       for (int64_t eb = e0; eb < e1; eb += kB) {
-        const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
         ba.e0 = eb;
-        ba.nb = nb;
-        recompute_planes(ba);
-        for (int b = 0; b < nb; ++b) {
-          const int64_t e = eb + b;
-          const T g = blk.g[b];
-          const T* Pb = blk.P + b;
-          T dP[kMsgMaxPlanes];
-          for (int i = 0; i < N; ++i) dP[i] = w.kappa[static_cast<size_t>(i)] * Pb[i * kB];
-          T dm_[kMsgMaxMom], dv[kMsgMaxRms], dm0[kMsgMaxMom], dv0[kMsgMaxRms];
-          for (int k = 0; k < K; ++k) dm_[k] = T(0);
-          for (int j = 0; j < R; ++j) dv[j] = T(0);
-          T dg = T(0), dp = T(0);
-          msg_planes_vjp(sc, g, Pb, blk.m0 + b, blk.v0 + b, kB, dP, dm_, dv, dg, dp, dm0, dv0, pp);
-          for (int k = 0; k < K; ++k) w.dm0[k * n + e] += dm0[k];
-          for (int j = 0; j < R; ++j) w.dv0[j * n + e] += dv0[j];
-          if (w.factored) {
-            if (F > 0) {
-              const int64_t r = e / w.cols, c = e - r * w.cols;
-              dg += T(2) * g * (w.coefR[static_cast<size_t>(r)] + w.coefC[static_cast<size_t>(c)]);
-            }
-          } else {
-            const T g2e = mlp::fac_input(g, sc.fac_eps);
-            for (int f = 0; f < F; ++f) {
-              const T gam = sc.dec[KR + f], cu = w.cu[static_cast<size_t>(f)];
-              w.dfr0[f * n + e] += gam * cu;
-              dg += T(2) * g * ((T(1) - gam) * cu);
-              pp[KR + f] += static_cast<double>(cu * (w.fr0[f * n + e] - g2e));
-            }
-          }
-          w.dg[e] += dg;
-          w.dp[e] += dp;
-        }
+        ba.nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
+        cpu::run_loop<B2K<T>>(&ba, &sc, &scr);
       }
     });
+    for (int i = 0; i < KRF; ++i) {  // lanes combined in lane order
+      const double* d = scr.dec.data() + i * kB;
+      double acc = pp[i];
+      for (int l = 0; l < kB; ++l) acc += d[l];
+      pp[i] = acc;
+    }
   });
   for (int64_t ti = 0; ti < n_tiles; ++ti) {
     for (int i = 0; i < P2; ++i) ddec[static_cast<size_t>(i)] += part2[static_cast<size_t>(ti * P2 + i)];

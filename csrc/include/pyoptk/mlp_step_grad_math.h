@@ -28,6 +28,12 @@
 
 #include "pyoptk/common.h"
 
+#if defined(__CUDACC__)
+#define PYOPTK_LANES_BWD
+#else
+#define PYOPTK_LANES_BWD _Pragma("omp simd")
+#endif
+
 namespace pyoptk {
 
 // Largest feature configuration the fused backward takes (the Python side declines
@@ -108,6 +114,80 @@ PYOPTK_HD void msg_planes_vjp(const MsgScalars<T>& s, T g, const T* P, const T* 
     dv0[j] = rho * dv[j];
     dg += T(2) * g * ((T(1) - rho) * dv[j]);
     ddec[K + j] += static_cast<double>(dv[j] * (v0[j * L] - g2));
+  }
+}
+
+// msg_planes_vjp on a block of L lanes at once (plane-major lane arrays, as the forward's
+// math): the same operations per lane in the same order, so every lane's results equal
+// msg_planes_vjp's. dP (N*L), dm (K*L), dv (R*L) cotangents in (dm, dv updated); dg, dp
+// (L) added to; dm0 (K*L), dv0 (R*L) written; ddec ((K+R)*L, double) per-lane decay
+// partials, added to for lanes < nb only (the caller combines the lanes in a fixed order).
+template <typename T, int L>
+PYOPTK_HD void msg_planes_vjp_lanes(const MsgScalars<T>& s, const T* PYOPTK_RESTRICT g,
+                                    const T* PYOPTK_RESTRICT P, const T* PYOPTK_RESTRICT m0,
+                                    const T* PYOPTK_RESTRICT v0, const T* PYOPTK_RESTRICT dP,
+                                    T* PYOPTK_RESTRICT dm, T* PYOPTK_RESTRICT dv,
+                                    T* PYOPTK_RESTRICT dg, T* PYOPTK_RESTRICT dp,
+                                    T* PYOPTK_RESTRICT dm0, T* PYOPTK_RESTRICT dv0,
+                                    double* PYOPTK_RESTRICT ddec, int nb) {
+  const int K = s.K, R = s.R;
+  const int o_isv = 2 + K + R + K * R;
+  T disv[kMsgMaxRms * L];
+  PYOPTK_LANES_BWD
+  for (int l = 0; l < L; ++l) {
+    dg[l] += dP[l];
+    dp[l] += dP[L + l];
+  }
+  for (int k = 0; k < K; ++k) {
+    PYOPTK_LANES_BWD
+    for (int l = 0; l < L; ++l) dm[k * L + l] += dP[(2 + k) * L + l];
+  }
+  for (int j = 0; j < R; ++j) {
+    PYOPTK_LANES_BWD
+    for (int l = 0; l < L; ++l) {
+      dv[j * L + l] += dP[(2 + K + j) * L + l];
+      disv[j * L + l] = T(0);
+    }
+  }
+  for (int k = 0; k < K; ++k)
+    for (int j = 0; j < R; ++j) {
+      const T* d = dP + (2 + K + R + k * R + j) * L;
+      PYOPTK_LANES_BWD
+      for (int l = 0; l < L; ++l) {
+        dm[k * L + l] += d[l] * P[(o_isv + j) * L + l];
+        disv[j * L + l] += d[l] * P[(2 + k) * L + l];
+      }
+    }
+  for (int j = 0; j < R; ++j) {
+    PYOPTK_LANES_BWD
+    for (int l = 0; l < L; ++l) disv[j * L + l] += dP[(o_isv + j) * L + l];
+  }
+  for (int j = 0; j < R; ++j) {
+    PYOPTK_LANES_BWD
+    for (int l = 0; l < L; ++l)
+      dv[j * L + l] += msg_rsqrt_vjp(P[(o_isv + j) * L + l], disv[j * L + l]);
+  }
+  for (int k = 0; k < K; ++k) {
+    const T b = s.dec[k], omb = T(1) - b;
+    PYOPTK_LANES_BWD
+    for (int l = 0; l < L; ++l) {
+      const T d = dm[k * L + l];
+      dm0[k * L + l] = b * d;
+      dg[l] += omb * d;
+      const double q = static_cast<double>(d * (m0[k * L + l] - g[l]));
+      ddec[k * L + l] += l < nb ? q : 0.0;
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    const T rho = s.dec[K + j], omr = T(1) - rho;
+    PYOPTK_LANES_BWD
+    for (int l = 0; l < L; ++l) {
+      const T d = dv[j * L + l];
+      dv0[j * L + l] = rho * d;
+      dg[l] += T(2) * g[l] * (omr * d);
+      const double q = static_cast<double>(d * (v0[j * L + l] - g[l] * g[l]));
+      ddec[(K + j) * L + l] += l < nb ? q : 0.0;
+    }
   }
 }
 
