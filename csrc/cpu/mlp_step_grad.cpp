@@ -223,7 +223,12 @@ struct B2Scratch {
   std::vector<T> buf;
   T *dP, *dm, *dv, *dg, *dp, *dm0, *dv0;
   std::vector<double> dec;  // (K+R+F, kB) per-lane partials of the decay cotangents
+  std::vector<T> dvh;       // (F, kB) B1: cotangents of vhat
+  std::vector<double> lane1;  // (N+F+K+R+F, kB) B1: per-lane partials of the PartLayout
+                              // sums A (N), U (F), decays (K+R+F)
   B2Scratch(int K, int R, int F, int N) {
+    dvh.assign(static_cast<size_t>(F * kB), T(0));
+    lane1.assign(static_cast<size_t>((N + F + K + R + F) * kB), 0.0);
     buf.assign(static_cast<size_t>(kB) * (N + 2 * K + 2 * R + 2), T(0));
     T* q = buf.data();
     auto take = [&](int planes) {
@@ -308,6 +313,144 @@ struct B2K {
     for (int l = 0; l < nb; ++l) {
       og[l] += s.dg[l];
       op[l] += s.dp[l];
+    }
+  }
+};
+
+// B1's epilogue on one block, vectorized over lanes: from the features' cotangents dx
+// (n_elem, kB) the local parts of every input gradient (written) and the per-lane
+// partials of the reductions (s.lane1); the factored row/column partials (shared by the
+// lanes of a row) are added lane by lane, in element order.
+template <typename T>
+struct EpilogueArgs {
+  const BlockArgs<T>* ba;
+  Work<T>* w;              // the tensor (its row / column partials are written)
+  const MsgScalars<T>* sc;
+  B2Scratch<T>* s;
+  const T* dx;
+  const int64_t *rr, *cc;  // row / column of each lane (2+ dim tensors)
+  int64_t cb, rg;          // the tile's column block / row group
+  T coef;
+};
+
+template <typename T>
+struct EpilogueK {
+  PYOPTK_LOOP void run(const EpilogueArgs<T>* ep) {
+    const BlockArgs<T>& a = *ep->ba;
+    const MsgScalars<T>& sc = *ep->sc;
+    B2Scratch<T>& s = *ep->s;
+    const Work<T>& w = *a.w;
+    const Block<T>& b = *a.bl;
+    const T* dx = ep->dx;
+    const MLPDims& dm = a.dm;
+    const int K = sc.K, R = sc.R, F = sc.F, N = sc.N, KR = K + R, Q = 2 * F;
+    const int nb = a.nb;
+    const int64_t n = w.n, e0 = a.e0;
+    double* lA = s.lane1.data();
+    double* lU = lA + N * kB;
+    double* lD = lU + F * kB;
+    // planes: log-sign VJP onto g_hat, the A_i partials, then the scales
+    for (int i = 0; i < N; ++i) {
+      PYOPTK_LANES
+      for (int l = 0; l < kB; ++l) s.dP[i * kB + l] = dx[i * kB + l];
+    }
+    PYOPTK_LANES
+    for (int l = 0; l < kB; ++l)
+      s.dP[l] += msg_log_sign_vjp(b.x[l], sc, dx[N * kB + l], dx[(N + 1) * kB + l]);
+    for (int i = 0; i < N; ++i) {
+      const T si = w.s[static_cast<size_t>(i)];
+      PYOPTK_LANES
+      for (int l = 0; l < kB; ++l) {
+        const double q = static_cast<double>(s.dP[i * kB + l] * b.P[i * kB + l]);
+        lA[i * kB + l] += l < nb ? q : 0.0;
+        s.dP[i * kB + l] *= si;
+      }
+    }
+    for (int k = 0; k < K; ++k) load_lanes(w.Gm + k * n, e0, nb, s.dm + k * kB);
+    for (int j = 0; j < R; ++j) load_lanes(w.Gv + j * n, e0, nb, s.dv + j * kB);
+    const T cwd = ep->coef * sc.weight_decay;
+    for (int l = 0; l < kB; ++l) {
+      const T gp = l < nb ? w.Gp[e0 + l] : T(0);
+      s.dg[l] = T(0);
+      s.dp[l] = gp - gp * cwd;
+    }
+    // factored features
+    const bool fm = sc.fmi >= 0;
+    for (int f = 0; f < F; ++f) {
+      const T* dfg = dx + (dm.off_fac_g() + f) * kB;
+      const T* dfm = dx + (dm.off_fac_m() + f) * kB;
+      const T* drow = dx + (dm.off_row() + f) * kB;
+      const T* dcol = dx + (dm.off_col() + f) * kB;
+      const T* ivh = b.ivh + f * kB;
+      T* dvh = s.dvh.data() + f * kB;
+      if (fm) {
+        const T* mf = b.m + sc.fmi * kB;
+        T* dmf = s.dm + sc.fmi * kB;
+        PYOPTK_LANES
+        for (int l = 0; l < kB; ++l) {
+          T divh = dfg[l] * b.g[l];
+          s.dg[l] += dfg[l] * ivh[l];
+          divh += dfm[l] * mf[l];
+          dmf[l] += dfm[l] * ivh[l];
+          dvh[l] = msg_rsqrt_vjp(ivh[l], divh);
+        }
+      } else {
+        PYOPTK_LANES
+        for (int l = 0; l < kB; ++l) {
+          const T divh = dfg[l] * b.g[l];
+          s.dg[l] += dfg[l] * ivh[l];
+          dvh[l] = msg_rsqrt_vjp(ivh[l], divh);
+        }
+      }
+      if (w.factored) {
+        for (int l = 0; l < nb; ++l) {
+          double* rp = &ep->w->rowpart[static_cast<size_t>((ep->cb * w.rows + ep->rr[l]) * Q + 2 * f)];
+          double* cp = &ep->w->colpart[static_cast<size_t>((ep->rg * w.cols + ep->cc[l]) * Q + 2 * f)];
+          rp[0] += static_cast<double>(dvh[l] * b.fb[f * kB + l]);  // * C_f[c]
+          rp[1] += static_cast<double>(drow[l]);
+          cp[0] += static_cast<double>(dvh[l] * b.fa[f * kB + l]);  // * R_f[r]
+          cp[1] += static_cast<double>(dcol[l]);
+        }
+      } else {
+        const T vb = w.vbar[static_cast<size_t>(f)];
+        const T gam = sc.dec[KR + f];
+        const T* rfp = b.x + (dm.off_row() + f) * kB;
+        const T* U = b.fa + f * kB;
+        const T* u0 = b.u0 + f * kB;
+        T* dfr = w.dfr0 + f * n + e0;
+        const T* Gfr = w.Gfr + f * n + e0;
+        for (int l = 0; l < kB; ++l) {
+          const T rf = rfp[l];
+          const T rf3 = rf * rf * rf;
+          const T dsum = drow[l] + dcol[l];
+          const T gfr = l < nb ? Gfr[l] : T(0);
+          const T dU = dvh[l] + dsum * (T(-0.5) * rf3 / vb) + gfr;
+          const double qu = static_cast<double>(dsum * (T(0.5) * rf3 * U[l] / (vb * vb)));
+          lU[f * kB + l] += l < nb ? qu : 0.0;
+          if (l < nb) dfr[l] = gam * dU;
+          s.dg[l] += T(2) * b.g[l] * ((T(1) - gam) * dU);
+          const double qd = static_cast<double>(dU * (u0[l] - mlp::fac_input(b.g[l], sc.fac_eps)));
+          lD[(KR + f) * kB + l] += l < nb ? qd : 0.0;
+        }
+      }
+    }
+    msg_planes_vjp_lanes<T, kB>(sc, b.g, b.P, b.m0, b.v0, s.dP, s.dm, s.dv, s.dg, s.dp, s.dm0,
+                                s.dv0, lD, nb);
+    for (int k = 0; k < K; ++k) {
+      T* o = w.dm0 + k * n + e0;
+      const T* d = s.dm0 + k * kB;
+      for (int l = 0; l < nb; ++l) o[l] = d[l];
+    }
+    for (int j = 0; j < R; ++j) {
+      T* o = w.dv0 + j * n + e0;
+      const T* d = s.dv0 + j * kB;
+      for (int l = 0; l < nb; ++l) o[l] = d[l];
+    }
+    T* og = w.dg + e0;
+    T* op = w.dp + e0;
+    for (int l = 0; l < nb; ++l) {
+      og[l] = s.dg[l];
+      op[l] = s.dp[l];
     }
   }
 };
@@ -699,6 +842,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
     BlockArgs<T> ba = args0;
     ba.bl = &blk;
     ba.act = act_ptrs.data();
+    B2Scratch<T> scr(K, R, F, N);
     const T* P_ = blk.P;
     const T* X = blk.x;
 
@@ -724,6 +868,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       const MlpBatch<T> mb{L, n_elem, a.widths.data(), Wt_ptrs.data(), zeros.data(), blk.x, act_ptrs.data(),
                            dA.data(), dZ.data(), dZT.data(), dW, w_off.data(),
                            pp + pl.off_db0()};
+      const EpilogueArgs<T> ea{&ba, &w, &sc, &scr, dA.data(), rr, cc, tl.cb, tl.rg, coef};
       for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
         int64_t r = e0 / w.cols, c = e0 - r * w.cols;  // (row, col) of e, stepped below
         for (int64_t eb = e0; eb < e1; eb += kB) {
@@ -761,69 +906,19 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
           }
           cpu::run_loop<MlpBackwardK<T>>(&mb);
           // -- epilogue: local input gradients and the reductions --
-          const int base_fg = dm.off_fac_g(), base_fm = dm.off_fac_m();
-          const int base_row = dm.off_row(), base_col = dm.off_col();
-          for (int b = 0; b < nb; ++b) {
-            const int64_t e = eb + b;
-            const int64_t r = rr[b], c = cc[b];
-            const T* dx = dA.data() + b;  // stride kB
-            const T* Pb = P_ + b;         // stride kB
-            const T g = blk.g[b];
-            T dP[kMsgMaxPlanes];
-            for (int i = 0; i < N; ++i) dP[i] = dx[i * kB];
-            dP[0] += msg_log_sign_vjp(X[b], sc, dx[N * kB], dx[(N + 1) * kB]);
-            for (int i = 0; i < N; ++i) {
-              pp[pl.off_A() + i] += static_cast<double>(dP[i] * Pb[i * kB]);
-              dP[i] *= w.s[static_cast<size_t>(i)];
-            }
-            T dm_[kMsgMaxMom], dv[kMsgMaxRms], dm0[kMsgMaxMom], dv0[kMsgMaxRms];
-            for (int k = 0; k < K; ++k) dm_[k] = w.Gm[k * n + e];
-            for (int j = 0; j < R; ++j) dv[j] = w.Gv[j * n + e];
-            const T gp = w.Gp[e];
-            T dg = T(0), dp = gp - gp * (coef * sc.weight_decay);
-            const T g2e = mlp::fac_input(g, sc.fac_eps);
-            for (int f = 0; f < F; ++f) {
-              const T dfg = dx[(base_fg + f) * kB];
-              const T dfm = sc.fmi >= 0 ? dx[(base_fm + f) * kB] : T(0);
-              const T drow = dx[(base_row + f) * kB], dcol = dx[(base_col + f) * kB];
-              const T ivh = blk.ivh[f * kB + b];
-              T divh = dfg * g;
-              dg += dfg * ivh;
-              if (sc.fmi >= 0) {
-                divh += dfm * blk.m[sc.fmi * kB + b];
-                dm_[sc.fmi] += dfm * ivh;
-              }
-              const T dvhat = msg_rsqrt_vjp(ivh, divh);
-              if (w.factored) {
-                double* rp = &w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q + 2 * f)];
-                double* cp = &w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q + 2 * f)];
-                rp[0] += static_cast<double>(dvhat * blk.fb[f * kB + b]);  // * C_f[c]
-                rp[1] += static_cast<double>(drow);
-                cp[0] += static_cast<double>(dvhat * blk.fa[f * kB + b]);  // * R_f[r]
-                cp[1] += static_cast<double>(dcol);
-              } else {
-                const T vb = w.vbar[static_cast<size_t>(f)];
-                const T rf = X[(base_row + f) * kB + b];
-                const T U = blk.fa[f * kB + b];
-                const T rf3 = rf * rf * rf;
-                const T dsum = drow + dcol;
-                const T dU = dvhat + dsum * (T(-0.5) * rf3 / vb) + w.Gfr[f * n + e];
-                pp[pl.off_U() + f] += static_cast<double>(dsum * (T(0.5) * rf3 * U / (vb * vb)));
-                const T gam = sc.dec[KR + f];
-                w.dfr0[f * n + e] = gam * dU;
-                dg += T(2) * g * ((T(1) - gam) * dU);
-                pp[pl.off_dec() + KR + f] += static_cast<double>(dU * (blk.u0[f * kB + b] - g2e));
-              }
-            }
-            msg_planes_vjp(sc, g, Pb, blk.m0 + b, blk.v0 + b, kB, dP, dm_, dv, dg, dp, dm0, dv0,
-                           pp + pl.off_dec());
-            for (int k = 0; k < K; ++k) w.dm0[k * n + e] = dm0[k];
-            for (int j = 0; j < R; ++j) w.dv0[j * n + e] = dv0[j];
-            w.dg[e] = dg;
-            w.dp[e] = dp;
-          }
+          cpu::run_loop<EpilogueK<T>>(&ea);
         }
       });
+      // the tile's per-lane partials, lanes combined in lane order
+      for (int q = 0; q < N + F + KRF; ++q) {
+        double* d = scr.lane1.data() + q * kB;
+        double acc = pp[q];
+        for (int l = 0; l < kB; ++l) {
+          acc += d[l];
+          d[l] = 0.0;
+        }
+        pp[q] = acc;
+      }
     }
   });
 
