@@ -94,9 +94,6 @@ struct PartLayout {
   int size() const { return off_finite() + 1; }
 };
 
-// One micro-batch of kB elements through the MLP, SoA buffers [feature][lane]. Kept
-// free of lambdas and calls so that cpu::run_loop compiles it for AVX2 as well.
-
 // Lane arrays of one block of kB elements, plane-major a[plane * kB + lane] (the layout of
 // mlp_update_math.h): inputs, recomputed accumulators and planes, features.
 template <typename T>
