@@ -1,8 +1,11 @@
 // Fused backward of the differentiable learned-MLP step (torch.ops.pyoptk.mlp_step) on
 // CPU. Given the cotangents of the step's outputs (params, moms, rmss, fac_rows,
 // fac_cols) it recomputes the forward per element and produces every input gradient,
-// storing no activations. Per-element math: pyoptk/mlp_step_grad_math.h; the
-// specification is autograd through pyoptk.ops.mlp_update.mlp_update_one.
+// storing no activations. The recomputed forward is the forward kernel's own math
+// (pyoptk/mlp_update_math.h: accumulators, planes, features, folded bias, the MLP's
+// layers), run on blocks of kB elements laid out plane-major as there; the
+// backward-specific per-element math is pyoptk/mlp_step_grad_math.h. The specification
+// is autograd through pyoptk.ops.mlp_update.mlp_update_one.
 //
 // Work units are tiles: chunks of kChunkSize elements for 0/1-dim tensors; for 2+ dim
 // tensors viewed (rows, cols), (row group x column block) rectangles, so row and column
@@ -10,8 +13,9 @@
 // colpart[row group][col]) combined in a fixed order. Passes:
 //   0  forward statistics: sum(P_i^2) per plane, row/column sums of g^2 + fac_eps (or
 //      sum of the full accumulator), the all-finite flag;  finalize 1 (per tensor):
-//      scales, new row/col accumulators, vbar, time features folded into b0.
-//   B1 per element, in micro-batches of kB elements: features, MLP forward, backward
+//      scales, new row/col accumulators, vbar, time features folded into b0 — the
+//      forward's finalize functions.
+//   B1 per element, in blocks of kB elements: features, MLP forward, backward
 //      through the MLP (weight gradients accumulated per slot of tiles, then summed in
 //      slot order), the local parts of all input gradients (written to the outputs),
 //      and the reductions the remaining terms need: A_i = sum(dnormed_i * P_i), row and
@@ -21,12 +25,6 @@
 //      (normalization scales, factored statistics), added to the outputs.
 // All reductions keep partials per tile (double) summed in tile order: results do not
 // depend on the thread count.
-//
-// Performance (measured, docs/learned.md): ~0.43 us per element per thread, ~55% in the
-// MLP's three products (MlpForwardK / MlpBackwardK), ~45% in the scalar per-element code
-// (recompute, features, epilogue, passes 0 and B2). An FMA build of the MLP loops gave
-// nothing; the levers are register-blocked micro-kernels and vectorizing the
-// per-element code over the micro-batch lanes (SoA instead of one MsgElem per element).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -35,11 +33,16 @@
 #include "cpu_util.h"
 #include "pyoptk/api.h"
 #include "pyoptk/mlp_step_grad_math.h"
+#include "pyoptk/mlp_update_math.h"
 
 namespace pyoptk {
 namespace {
 
-constexpr int kB = 64;                 // elements per micro-batch (SoA lanes)
+using mlp::MLPConsts;
+using mlp::MLPDims;
+using mlp::MLPTensorScalars;
+
+constexpr int kB = 64;                 // elements per block (the lane count L of the math)
 constexpr int kMaxWidth = 128;         // widest layer (Python declines wider)
 constexpr int kJB = 16;                // output columns per block of the weight-gradient sums
 constexpr int64_t kColBlock = 4096;    // columns per tile of a 2+ dim tensor
@@ -67,27 +70,6 @@ struct Work {
   std::vector<double> rowpart, colpart;  // [n_cb][rows][Q], [n_rg][cols][Q]
   std::vector<T> kappa, coefR, coefC, cu;
   int64_t first_tile = 0, end_tile = 0;
-
-  MsgTensor<T> view() const {
-    MsgTensor<T> v;
-    v.n = n;
-    v.rows = rows;
-    v.cols = cols;
-    v.factored = factored;
-    v.p = p;
-    v.g = g;
-    v.m0 = m0;
-    v.v0 = v0;
-    v.fr0 = fr0;
-    v.fc0 = fc0;
-    v.s = s.data();
-    v.vbar = vbar.data();
-    v.Rf = Rf.data();
-    v.Cf = Cf.data();
-    v.rowf = rowf.data();
-    v.colf = colf.data();
-    return v;
-  }
 };
 
 // Calls f(e) for every element of the tile, in row-major order.
@@ -105,23 +87,380 @@ struct PartLayout {
   int N, F, KRF, H0;
   int off_A() const { return 0; }            // sum P^2 (pass 0) / sum dnormed*P (B1)
   int off_U() const { return N; }            // sum U (pass 0) / dvbar (B1), 0/1 dims
-  int off_U0() const { return N + F; }       // sum (u0 - g^2 - fac_eps), 0/1 dims
-  int off_dec() const { return N + 2 * F; }  // decay cotangents
-  int off_lr() const { return N + 2 * F + KRF; }
+  int off_dec() const { return N + F; }      // decay cotangents
+  int off_lr() const { return N + F + KRF; }
   int off_db0() const { return off_lr() + 1; }
   int off_finite() const { return off_db0() + H0; }
   int size() const { return off_finite() + 1; }
 };
 
-// One micro-batch of kB elements through the MLP, SoA buffers [feature][lane]. Kept
-// free of lambdas and calls so that cpu::run_loop compiles it for AVX2 as well.
+// Lane arrays of one block of kB elements, plane-major a[plane * kB + lane] (the layout of
+// mlp_update_math.h): inputs, recomputed accumulators and planes, features.
+template <typename T>
+struct Block {
+  std::vector<T> buf;
+  T *g, *p, *m0, *v0, *u0, *m, *v, *P, *fa, *fb, *ivh, *x, *work;
+  Block(int K, int R, int F, int N, int NE) {
+    buf.assign(static_cast<size_t>(kB) * (2 + 2 * K + 2 * R + 4 * F + N + NE + 1), T(0));
+    T* q = buf.data();
+    auto take = [&](int planes) {
+      T* r = q;
+      q += static_cast<size_t>(planes) * kB;
+      return r;
+    };
+    g = take(1);
+    p = take(1);
+    m0 = take(K);
+    v0 = take(R);
+    u0 = take(F);
+    m = take(K);
+    v = take(R);
+    P = take(N);
+    fa = take(F);
+    fb = take(F);
+    ivh = take(F);
+    x = take(NE);
+    work = take(1);
+  }
+};
+
+// What the block kernels read: the call's constants, one tensor, one block.
+template <typename T>
+struct BlockArgs {
+  MLPDims dm;
+  MLPConsts<T> c;
+  const T *dec, *omd;
+  const Work<T>* w;
+  Block<T>* bl;
+  int64_t e0;   // first element of the block
+  int nb;       // elements in the block (<= kB); lanes past nb are padding
+  int64_t r0, c0;  // (row, col) of e0 (2+ dim tensors)
+  // MLP (B1 only)
+  int n_layers, n_elem;
+  const int64_t* widths;
+  const T* const* W;
+  const T* const* bias;  // bias[0] unused: the tensor's folded b0eff
+  T* const* act;         // per layer (out, kB): ReLU outputs, raw for the last layer
+};
+
+// Loads one plane of nb elements at e0; padding lanes get 0.
+template <typename T>
+PYOPTK_HD void load_lanes(const T* src, int64_t e0, int nb, T* dst) {
+  for (int l = 0; l < kB; ++l) dst[l] = l < nb ? src[e0 + l] : T(0);
+}
+
+// The block's inputs, new momenta / second moments (and full factored accumulators of a
+// 0/1-dim tensor, in fa) and unscaled planes: the forward's mlp_moments / mlp_planes /
+// mlp_full_fac.
+template <typename T>
+PYOPTK_HD void recompute_planes(const BlockArgs<T>& a) {
+  const Work<T>& w = *a.w;
+  Block<T>& b = *a.bl;
+  const int K = a.dm.K, R = a.dm.R, F = a.dm.F;
+  const int64_t n = w.n;
+  load_lanes(w.g, a.e0, a.nb, b.g);
+  load_lanes(w.p, a.e0, a.nb, b.p);
+  for (int k = 0; k < K; ++k) load_lanes(w.m0 + k * n, a.e0, a.nb, b.m0 + k * kB);
+  for (int j = 0; j < R; ++j) load_lanes(w.v0 + j * n, a.e0, a.nb, b.v0 + j * kB);
+  mlp::mlp_moments<T, kB>(a.dm, b.g, b.m0, b.v0, a.dec, a.omd, b.m, b.v);
+  mlp::mlp_planes<T, kB>(a.dm, b.g, b.p, b.m, b.v, a.c.eps, b.P);
+  if (!w.factored && F > 0) {
+    for (int f = 0; f < F; ++f) load_lanes(w.fr0 + f * n, a.e0, a.nb, b.u0 + f * kB);
+    mlp::mlp_full_fac<T, kB>(a.dm, b.g, b.u0, a.dec, a.omd, a.c.fac_eps, b.fa);
+  }
+}
+
+// B1's recomputed forward of a block: planes, features (keeping rsqrt(vhat+eps)) and
+// every layer's output, the forward's functions throughout.
+template <typename T>
+struct B1ForwardK {
+  PYOPTK_LOOP void run(const BlockArgs<T>* ap) {
+    const BlockArgs<T>& a = *ap;
+    const Work<T>& w = *a.w;
+    Block<T>& b = *a.bl;
+    const int F = a.dm.F, NE = a.n_elem;
+    recompute_planes(a);
+    if (w.factored && F > 0) {
+      // new row / column accumulators of each lane (padding lanes repeat a valid index)
+      int64_t r = a.r0, cc = a.c0;
+      for (int l = 0; l < kB; ++l) {
+        for (int f = 0; f < F; ++f) {
+          b.fa[f * kB + l] = w.Rf[static_cast<size_t>(f * w.rows + r)];
+          b.fb[f * kB + l] = w.Cf[static_cast<size_t>(f * w.cols + cc)];
+        }
+        if (l + 1 < a.nb && ++cc == w.cols) {
+          cc = 0;
+          ++r;
+        }
+      }
+    }
+    const MLPTensorScalars<T> ts{w.s.data(), w.vbar.data(), w.factored};
+    mlp::mlp_scale_planes<T, kB>(a.dm, ts.scale, b.P, b.x);
+    mlp::mlp_scale_free_features<T, kB, true>(a.dm, a.c, ts, b.g, b.m, b.fa, b.fb, b.x, b.work,
+                                              b.ivh);
+    // padding lanes: zero features (their cotangents are zero; keeps everything finite)
+    for (int i = 0; i < NE; ++i)
+      for (int l = a.nb; l < kB; ++l) b.x[i * kB + l] = T(0);
+    // The MLP, layer by layer, every layer's output kept for the backward.
+    const T* in = b.x;
+    for (int i = 0; i < a.n_layers; ++i) {
+      const bool last = i == a.n_layers - 1;
+      const int din = i == 0 ? NE : static_cast<int>(a.widths[i]);
+      const T* bias = i == 0 ? w.b0eff.data() : a.bias[i];
+      mlp::mlp_layer<T, kB>(in, din, a.W[i], static_cast<int>(a.widths[i + 1]), bias, !last,
+                            a.act[i]);
+      in = a.act[i];
+    }
+  }
+};
+
+// B2's per-block scratch: cotangent lane arrays and per-lane decay partials.
+template <typename T>
+struct B2Scratch {
+  std::vector<T> buf;
+  T *dP, *dm, *dv, *dg, *dp, *dm0, *dv0;
+  std::vector<double> dec;  // (K+R+F, kB) per-lane partials of the decay cotangents
+  std::vector<T> dvh;       // (F, kB) B1: cotangents of vhat
+  std::vector<double> lane1;  // (N+F+K+R+F, kB) B1: per-lane partials of the PartLayout
+                              // sums A (N), U (F), decays (K+R+F)
+  B2Scratch(int K, int R, int F, int N) {
+    dvh.assign(static_cast<size_t>(F * kB), T(0));
+    lane1.assign(static_cast<size_t>((N + F + K + R + F) * kB), 0.0);
+    buf.assign(static_cast<size_t>(kB) * (N + 2 * K + 2 * R + 2), T(0));
+    T* q = buf.data();
+    auto take = [&](int planes) {
+      T* r = q;
+      q += static_cast<size_t>(planes) * kB;
+      return r;
+    };
+    dP = take(N);
+    dm = take(K);
+    dv = take(R);
+    dg = take(1);
+    dp = take(1);
+    dm0 = take(K);
+    dv0 = take(R);
+    dec.assign(static_cast<size_t>((K + R + F) * kB), 0.0);
+  }
+};
+
+// B2 on one block: the terms through the per-tensor reductions, vectorized over lanes.
+template <typename T>
+struct B2K {
+  PYOPTK_LOOP void run(const BlockArgs<T>* ap, const MsgScalars<T>* scp, B2Scratch<T>* sp) {
+    const BlockArgs<T>& a = *ap;
+    const MsgScalars<T>& sc = *scp;
+    B2Scratch<T>& s = *sp;
+    const Work<T>& w = *a.w;
+    const Block<T>& b = *a.bl;
+    const int K = sc.K, R = sc.R, F = sc.F, N = sc.N, KR = K + R;
+    const int nb = a.nb;
+    const int64_t n = w.n, e0 = a.e0;
+    recompute_planes(a);
+    for (int i = 0; i < N; ++i) {
+      const T kap = w.kappa[static_cast<size_t>(i)];
+      PYOPTK_LANES
+      for (int l = 0; l < kB; ++l) s.dP[i * kB + l] = kap * b.P[i * kB + l];
+    }
+    for (int l = 0; l < kB * K; ++l) s.dm[l] = T(0);
+    for (int l = 0; l < kB * R; ++l) s.dv[l] = T(0);
+    for (int l = 0; l < kB; ++l) {
+      s.dg[l] = T(0);
+      s.dp[l] = T(0);
+    }
+    msg_planes_vjp_lanes<T, kB>(sc, b.g, b.P, b.m0, b.v0, s.dP, s.dm, s.dv, s.dg, s.dp, s.dm0,
+                                s.dv0, s.dec.data(), nb);
+    for (int k = 0; k < K; ++k) {
+      T* o = w.dm0 + k * n + e0;
+      const T* d = s.dm0 + k * kB;
+      for (int l = 0; l < nb; ++l) o[l] += d[l];
+    }
+    for (int j = 0; j < R; ++j) {
+      T* o = w.dv0 + j * n + e0;
+      const T* d = s.dv0 + j * kB;
+      for (int l = 0; l < nb; ++l) o[l] += d[l];
+    }
+    if (w.factored) {
+      if (F > 0) {
+        int64_t r = e0 / w.cols, c = e0 - (e0 / w.cols) * w.cols;
+        for (int l = 0; l < nb; ++l) {
+          s.dg[l] += T(2) * b.g[l] *
+                     (w.coefR[static_cast<size_t>(r)] + w.coefC[static_cast<size_t>(c)]);
+          if (++c == w.cols) {
+            c = 0;
+            ++r;
+          }
+        }
+      }
+    } else {
+      for (int f = 0; f < F; ++f) {
+        const T gam = sc.dec[KR + f], cu = w.cu[static_cast<size_t>(f)];
+        T* dfr = w.dfr0 + f * n + e0;
+        const T* fr = w.fr0 + f * n + e0;
+        double* pd = s.dec.data() + (KR + f) * kB;
+        for (int l = 0; l < nb; ++l) {
+          dfr[l] += gam * cu;
+          s.dg[l] += T(2) * b.g[l] * ((T(1) - gam) * cu);
+          pd[l] += static_cast<double>(cu * (fr[l] - mlp::fac_input(b.g[l], sc.fac_eps)));
+        }
+      }
+    }
+    T* og = w.dg + e0;
+    T* op = w.dp + e0;
+    for (int l = 0; l < nb; ++l) {
+      og[l] += s.dg[l];
+      op[l] += s.dp[l];
+    }
+  }
+};
+
+// B1's epilogue on one block, vectorized over lanes: from the features' cotangents dx
+// (n_elem, kB) the local parts of every input gradient (written) and the per-lane
+// partials of the reductions (s.lane1); the factored row/column partials (shared by the
+// lanes of a row) are added lane by lane, in element order.
+template <typename T>
+struct EpilogueArgs {
+  const BlockArgs<T>* ba;
+  Work<T>* w;              // the tensor (its row / column partials are written)
+  const MsgScalars<T>* sc;
+  B2Scratch<T>* s;
+  const T* dx;
+  const int64_t *rr, *cc;  // row / column of each lane (2+ dim tensors)
+  int64_t cb, rg;          // the tile's column block / row group
+  T coef;
+};
+
+template <typename T>
+struct EpilogueK {
+  PYOPTK_LOOP void run(const EpilogueArgs<T>* ep) {
+    const BlockArgs<T>& a = *ep->ba;
+    const MsgScalars<T>& sc = *ep->sc;
+    B2Scratch<T>& s = *ep->s;
+    const Work<T>& w = *a.w;
+    const Block<T>& b = *a.bl;
+    const T* dx = ep->dx;
+    const MLPDims& dm = a.dm;
+    const int K = sc.K, R = sc.R, F = sc.F, N = sc.N, KR = K + R, Q = 2 * F;
+    const int nb = a.nb;
+    const int64_t n = w.n, e0 = a.e0;
+    double* lA = s.lane1.data();
+    double* lU = lA + N * kB;
+    double* lD = lU + F * kB;
+    // planes: log-sign VJP onto g_hat, the A_i partials, then the scales
+    for (int i = 0; i < N; ++i) {
+      PYOPTK_LANES
+      for (int l = 0; l < kB; ++l) s.dP[i * kB + l] = dx[i * kB + l];
+    }
+    PYOPTK_LANES
+    for (int l = 0; l < kB; ++l)
+      s.dP[l] += msg_log_sign_vjp(b.x[l], sc, dx[N * kB + l], dx[(N + 1) * kB + l]);
+    for (int i = 0; i < N; ++i) {
+      const T si = w.s[static_cast<size_t>(i)];
+      PYOPTK_LANES
+      for (int l = 0; l < kB; ++l) {
+        const double q = static_cast<double>(s.dP[i * kB + l] * b.P[i * kB + l]);
+        lA[i * kB + l] += l < nb ? q : 0.0;
+        s.dP[i * kB + l] *= si;
+      }
+    }
+    for (int k = 0; k < K; ++k) load_lanes(w.Gm + k * n, e0, nb, s.dm + k * kB);
+    for (int j = 0; j < R; ++j) load_lanes(w.Gv + j * n, e0, nb, s.dv + j * kB);
+    const T cwd = ep->coef * sc.weight_decay;
+    for (int l = 0; l < kB; ++l) {
+      const T gp = l < nb ? w.Gp[e0 + l] : T(0);
+      s.dg[l] = T(0);
+      s.dp[l] = gp - gp * cwd;
+    }
+    // factored features
+    const bool fm = sc.fmi >= 0;
+    for (int f = 0; f < F; ++f) {
+      const T* dfg = dx + (dm.off_fac_g() + f) * kB;
+      const T* dfm = dx + (dm.off_fac_m() + f) * kB;
+      const T* drow = dx + (dm.off_row() + f) * kB;
+      const T* dcol = dx + (dm.off_col() + f) * kB;
+      const T* ivh = b.ivh + f * kB;
+      T* dvh = s.dvh.data() + f * kB;
+      if (fm) {
+        const T* mf = b.m + sc.fmi * kB;
+        T* dmf = s.dm + sc.fmi * kB;
+        PYOPTK_LANES
+        for (int l = 0; l < kB; ++l) {
+          T divh = dfg[l] * b.g[l];
+          s.dg[l] += dfg[l] * ivh[l];
+          divh += dfm[l] * mf[l];
+          dmf[l] += dfm[l] * ivh[l];
+          dvh[l] = msg_rsqrt_vjp(ivh[l], divh);
+        }
+      } else {
+        PYOPTK_LANES
+        for (int l = 0; l < kB; ++l) {
+          const T divh = dfg[l] * b.g[l];
+          s.dg[l] += dfg[l] * ivh[l];
+          dvh[l] = msg_rsqrt_vjp(ivh[l], divh);
+        }
+      }
+      if (w.factored) {
+        for (int l = 0; l < nb; ++l) {
+          double* rp = &ep->w->rowpart[static_cast<size_t>((ep->cb * w.rows + ep->rr[l]) * Q + 2 * f)];
+          double* cp = &ep->w->colpart[static_cast<size_t>((ep->rg * w.cols + ep->cc[l]) * Q + 2 * f)];
+          rp[0] += static_cast<double>(dvh[l] * b.fb[f * kB + l]);  // * C_f[c]
+          rp[1] += static_cast<double>(drow[l]);
+          cp[0] += static_cast<double>(dvh[l] * b.fa[f * kB + l]);  // * R_f[r]
+          cp[1] += static_cast<double>(dcol[l]);
+        }
+      } else {
+        const T vb = w.vbar[static_cast<size_t>(f)];
+        const T gam = sc.dec[KR + f];
+        const T* rfp = b.x + (dm.off_row() + f) * kB;
+        const T* U = b.fa + f * kB;
+        const T* u0 = b.u0 + f * kB;
+        T* dfr = w.dfr0 + f * n + e0;
+        const T* Gfr = w.Gfr + f * n + e0;
+        for (int l = 0; l < kB; ++l) {
+          const T rf = rfp[l];
+          const T rf3 = rf * rf * rf;
+          const T dsum = drow[l] + dcol[l];
+          const T gfr = l < nb ? Gfr[l] : T(0);
+          const T dU = dvh[l] + dsum * (T(-0.5) * rf3 / vb) + gfr;
+          const double qu = static_cast<double>(dsum * (T(0.5) * rf3 * U[l] / (vb * vb)));
+          lU[f * kB + l] += l < nb ? qu : 0.0;
+          if (l < nb) dfr[l] = gam * dU;
+          s.dg[l] += T(2) * b.g[l] * ((T(1) - gam) * dU);
+          const double qd = static_cast<double>(dU * (u0[l] - mlp::fac_input(b.g[l], sc.fac_eps)));
+          lD[(KR + f) * kB + l] += l < nb ? qd : 0.0;
+        }
+      }
+    }
+    msg_planes_vjp_lanes<T, kB>(sc, b.g, b.P, b.m0, b.v0, s.dP, s.dm, s.dv, s.dg, s.dp, s.dm0,
+                                s.dv0, lD, nb);
+    for (int k = 0; k < K; ++k) {
+      T* o = w.dm0 + k * n + e0;
+      const T* d = s.dm0 + k * kB;
+      for (int l = 0; l < nb; ++l) o[l] = d[l];
+    }
+    for (int j = 0; j < R; ++j) {
+      T* o = w.dv0 + j * n + e0;
+      const T* d = s.dv0 + j * kB;
+      for (int l = 0; l < nb; ++l) o[l] = d[l];
+    }
+    T* og = w.dg + e0;
+    T* op = w.dp + e0;
+    for (int l = 0; l < nb; ++l) {
+      og[l] = s.dg[l];
+      op[l] = s.dp[l];
+    }
+  }
+};
+
+// One block through the MLP's backward, SoA buffers [feature][lane]. Kept free of
+// lambdas and calls so that cpu::run_loop compiles it for AVX2 / AVX-512 as well.
 template <typename T>
 struct MlpBatch {
   int L, n_elem;
   const int64_t* widths;   // (n_features, hidden..., 2)
-  const T* const* W;       // (in, out) per layer
-  const T* const* bias;    // per layer (layer 0: the tensor's folded bias b0eff)
-  const T* b0eff;
+  const T* const* Wt;      // (out, in) per layer: the transposed weights (layer 0: its
+                           // first n_elem rows only)
+  const T* zeros;          // (max width,) zero bias of the transposed products
   const T* X;              // (n_elem, kB) inputs
   T* const* act;           // per layer (out, kB): ReLU outputs, raw for the last layer
   T *dA, *dZ, *dZT;        // (max width, kB) cotangent buffers; dA holds (2, kB) on entry
@@ -130,39 +469,42 @@ struct MlpBatch {
   double* db0;             // per-tile sum of the first layer's pre-activation cotangents
 };
 
-template <typename T>
-struct MlpForwardK {
-  PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
-    const MlpBatch<T>& m = *mp;
-    // -- MLP forward --
-    for (int l = 0; l < m.L; ++l) {
-      const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
-      const int out = static_cast<int>(m.widths[l + 1]);
-      const T* A_in = (l == 0) ? m.X : m.act[l - 1];
-      const T* bl = (l == 0) ? m.b0eff : m.bias[l];
-      const T* Wl = m.W[l];
-      T* Z = m.act[l];
-      const bool relu = l < m.L - 1;
-      for (int j = 0; j < out; ++j) {
-        T acc[kB];
-        for (int b = 0; b < kB; ++b) acc[b] = bl[j];
-        for (int i = 0; i < in; ++i) {
-          const T wij = Wl[i * out + j];
-          const T* xi = A_in + i * kB;
-          for (int b = 0; b < kB; ++b) acc[b] += wij * xi[b];
-        }
-        if (relu) {
-          for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b] > T(0) ? acc[b] : T(0);
-        } else {
-          for (int b = 0; b < kB; ++b) Z[j * kB + b] = acc[b];
-        }
-      }
-    }
-  }
-};
-
 // dA (2, kB) = cotangents of (d, a) on entry; on exit dA (n_elem, kB) = cotangents of the
 // per-element features; dW and db0 accumulated.
+// dW_l[i][j] += sum_b A[i][b] * dZT[b][j] for BI rows i0.. and JW columns j0.. of the
+// zero-padded dZT (only j < out are stored): the sum over the block's lanes b in lane
+// order with fused multiply-adds, then added to the double partial. BI x JW independent
+// accumulators (vectorized over j), as the forward's mlp_layer_cols.
+template <typename T, int BI, int JW>
+PYOPTK_HD void dw_tile(const T* PYOPTK_RESTRICT A, const T* PYOPTK_RESTRICT dZT, int op, int out,
+                       int i0, int j0, double* PYOPTK_RESTRICT dWl) {
+  T acc[BI][JW];
+#pragma GCC unroll 8
+  for (int ii = 0; ii < BI; ++ii) {
+    PYOPTK_LANES
+    for (int jj = 0; jj < JW; ++jj) acc[ii][jj] = T(0);
+  }
+  for (int b = 0; b < kB; ++b) {
+    const T* d = dZT + b * op + j0;
+#pragma GCC unroll 8
+    for (int ii = 0; ii < BI; ++ii) {
+      const T x = A[(i0 + ii) * kB + b];
+      PYOPTK_LANES
+      for (int jj = 0; jj < JW; ++jj) acc[ii][jj] = mlp::fma_rn(x, d[jj], acc[ii][jj]);
+    }
+  }
+  const int nj = out - j0 < JW ? out - j0 : JW;
+  for (int ii = 0; ii < BI; ++ii)
+    for (int jj = 0; jj < nj; ++jj) dWl[(i0 + ii) * out + j0 + jj] += static_cast<double>(acc[ii][jj]);
+}
+
+template <typename T, int BI>
+PYOPTK_HD void dw_rows(const T* A, const T* dZT, int op, int out, int i0, double* dWl) {
+  int j0 = 0;
+  for (; j0 + 2 * kJB <= op; j0 += 2 * kJB) dw_tile<T, BI, 2 * kJB>(A, dZT, op, out, i0, j0, dWl);
+  for (; j0 < op; j0 += kJB) dw_tile<T, BI, kJB>(A, dZT, op, out, i0, j0, dWl);
+}
+
 template <typename T>
 struct MlpBackwardK {
   PYOPTK_LOOP void run(const MlpBatch<T>* mp) {
@@ -172,7 +514,6 @@ struct MlpBackwardK {
       const int in = (l == 0) ? m.n_elem : static_cast<int>(m.widths[l]);
       const int out = static_cast<int>(m.widths[l + 1]);
       const T* A_in = (l == 0) ? m.X : m.act[l - 1];
-      const T* Wl = m.W[l];
       const T* Z = m.act[l];
       // dZ = dA (masked by the ReLU for hidden layers); also its transpose dZT [b][op],
       // zero-padded to a multiple of kJB columns so the sums below vectorize over j.
@@ -191,7 +532,7 @@ struct MlpBackwardK {
       double* dWl = m.dW + m.w_off[2 * l];
       double* dbl = m.dW + m.w_off[2 * l + 1];
       for (int j0 = 0; j0 < op; j0 += kJB) {
-        const int nj = std::min(kJB, out - j0);
+        const int nj = out - j0 < kJB ? out - j0 : kJB;
         T acc[kJB];
         for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
         for (int b = 0; b < kB; ++b) {
@@ -202,28 +543,13 @@ struct MlpBackwardK {
           dbl[j0 + jj] += static_cast<double>(acc[jj]);
           if (l == 0) m.db0[j0 + jj] += static_cast<double>(acc[jj]);
         }
-        for (int i = 0; i < in; ++i) {
-          const T* ai = A_in + i * kB;
-          for (int jj = 0; jj < kJB; ++jj) acc[jj] = T(0);
-          for (int b = 0; b < kB; ++b) {
-            const T x = ai[b];
-            const T* d = m.dZT + b * op + j0;
-            for (int jj = 0; jj < kJB; ++jj) acc[jj] += x * d[jj];
-          }
-          for (int jj = 0; jj < nj; ++jj) dWl[i * out + j0 + jj] += static_cast<double>(acc[jj]);
-        }
       }
-      // dA_in[i][b] = sum_j W[i][j] dZ[j][b]
-      for (int i = 0; i < in; ++i) {
-        T acc[kB];
-        for (int b = 0; b < kB; ++b) acc[b] = T(0);
-        for (int j = 0; j < out; ++j) {
-          const T wij = Wl[i * out + j];
-          const T* dzj = m.dZ + j * kB;
-          for (int b = 0; b < kB; ++b) acc[b] += wij * dzj[b];
-        }
-        for (int b = 0; b < kB; ++b) m.dA[(i * kB + b)] = acc[b];
-      }
+      int i0 = 0;
+      for (; i0 + 4 <= in; i0 += 4) dw_rows<T, 4>(A_in, m.dZT, op, out, i0, dWl);
+      for (; i0 < in; ++i0) dw_rows<T, 1>(A_in, m.dZT, op, out, i0, dWl);
+      // dA_in[i][b] = sum_j W[i][j] dZ[j][b]: the forward's layer product with the
+      // transposed weights Wt_l (out, in) and a zero bias (fused multiply-adds in j order)
+      mlp::mlp_layer<T, kB>(m.dZ, out, m.Wt[l], in, m.zeros, false, m.dA);
     }
   }
 };
@@ -231,11 +557,11 @@ struct MlpBackwardK {
 template <typename T>
 void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg) {
   const size_t nt = a.numels.size();
+  const MLPDims dm = cfg.dims();
   const int K = cfg.n_mom, R = cfg.n_rms, F = cfg.n_fac;
   const int KR = K + R, KRF = K + R + F;
-  const int N = 2 + K + R + K * R + R;
-  const int S = 2 + F * (3 + (cfg.fac_mom_index >= 0 ? 1 : 0));
-  const int n_elem = N + S;
+  const int N = dm.n_normalized();
+  const int n_elem = dm.n_element();
   const int n_time = static_cast<int>(cfg.timescales.size());
   const int L = static_cast<int>(a.widths.size()) - 1;  // layers
   const int H0 = static_cast<int>(a.widths[1]);
@@ -271,7 +597,23 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   sc.lr = cfg.lr_ptr ? *cpu::as_ptr<const T>(cfg.lr_ptr) : static_cast<T>(cfg.lr);
   sc.weight_decay = static_cast<T>(cfg.weight_decay);
   sc.dec = cpu::as_ptr<const T>(a.decays);
-  const T coef = sc.lr * sc.step_mult;
+  const T coef = mlp::mlp_step_coef(sc.lr, sc.step_mult);
+  // The forward's constants and decays, rounded to T as the forward kernel rounds them.
+  MLPConsts<T> mc;
+  mc.eps = sc.eps;
+  mc.fac_eps = sc.fac_eps;
+  mc.ls_k = sc.log_sign_k;
+  mc.ls_thr = sc.log_sign_thr;
+  mc.ls_scale = sc.log_sign_ek;
+  mc.exp_mult = sc.exp_mult;
+  mc.weight_decay = sc.weight_decay;
+  std::vector<T> omd(static_cast<size_t>(KRF));
+  for (int i = 0; i < KRF; ++i) omd[static_cast<size_t>(i)] = T(1) - sc.dec[i];
+  std::vector<T> timescales(static_cast<size_t>(n_time));
+  for (int j = 0; j < n_time; ++j)
+    timescales[static_cast<size_t>(j)] = static_cast<T>(cfg.timescales[static_cast<size_t>(j)]);
+  const BlockArgs<T> args0{dm, mc, sc.dec, omd.data(), nullptr, nullptr, 0, 0, 0, 0,
+                           L, n_elem, a.widths.data(), W.data(), bias.data(), nullptr};
 
   // ---- tensors and tiles -----------------------------------------------------------
   std::vector<Work<T>> ws(nt);
@@ -332,43 +674,61 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   const int P = pl.size();
   std::vector<double> part(static_cast<size_t>(n_tiles * P), 0.0);
 
+
   // ---- pass 0: the forward's statistics ------------------------------------------------
   cpu::parallel_for(n_tiles, [&](int64_t ti) {
     const Tile& tl = tiles[static_cast<size_t>(ti)];
     Work<T>& w = ws[static_cast<size_t>(tl.t)];
     double* pp = &part[static_cast<size_t>(ti * P)];
-    const MsgTensor<T> v = w.view();
-    MsgElem<T> el;
+    Block<T> blk(K, R, F, N, n_elem);
+    BlockArgs<T> ba = args0;
+    ba.w = &w;
+    ba.bl = &blk;
     bool finite = true;
     for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        msg_recompute_planes(sc, v, e, el);
-        finite = finite && std::isfinite(el.g);
-        for (int i = 0; i < N; ++i) pp[pl.off_A() + i] += static_cast<double>(el.P[i] * el.P[i]);
-        const T g2e = el.g * el.g + sc.fac_eps;
+      for (int64_t eb = e0; eb < e1; eb += kB) {
+        const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
+        ba.e0 = eb;
+        ba.nb = nb;
+        recompute_planes(ba);
+        for (int l = 0; l < nb; ++l) finite = finite && std::isfinite(blk.g[l]);
+        for (int i = 0; i < N; ++i) {
+          const T* Pi = blk.P + i * kB;
+          double acc = pp[pl.off_A() + i];
+          for (int l = 0; l < nb; ++l) {
+            const double q = static_cast<double>(Pi[l]);
+            acc += q * q;
+          }
+          pp[pl.off_A() + i] = acc;
+        }
         if (w.factored) {
-          const int64_t r = e / w.cols, c = e - r * w.cols;
           if (F > 0) {
-            w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q)] += g2e;
-            w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q)] += g2e;
+            int64_t r = eb / w.cols, c = eb - (eb / w.cols) * w.cols;
+            for (int l = 0; l < nb; ++l) {
+              const double g2e = static_cast<double>(mlp::fac_input(blk.g[l], sc.fac_eps));
+              w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q)] += g2e;
+              w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q)] += g2e;
+              if (++c == w.cols) {
+                c = 0;
+                ++r;
+              }
+            }
           }
         } else {
-          for (int f = 0; f < F; ++f) {
-            const T u0 = w.fr0[f * w.n + e];
-            pp[pl.off_U() + f] += msg_ema(sc.dec[KR + f], u0, g2e);
-            pp[pl.off_U0() + f] += static_cast<double>(u0 - g2e);
-          }
+          for (int f = 0; f < F; ++f)
+            for (int l = 0; l < nb; ++l)
+              pp[pl.off_U() + f] += static_cast<double>(blk.fa[f * kB + l]);
         }
       }
     });
     pp[pl.off_finite()] = finite ? 1.0 : 0.0;
   });
 
-  // ---- finalize 1 (per tensor) ----------------------------------------------------------
+  // ---- finalize 1 (per tensor): the forward's finalize ----------------------------------
   const T* W0 = W[0];
-  for (size_t t = 0; t < nt; ++t) {
-    Work<T>& w = ws[t];
-    if (w.n == 0) continue;
+  cpu::parallel_for(static_cast<int64_t>(nt), [&](int64_t tt) {  // tensors independent
+    Work<T>& w = ws[static_cast<size_t>(tt)];
+    if (w.n == 0) return;
     std::vector<double> sum(static_cast<size_t>(P), 0.0);
     bool finite = true;
     for (int64_t ti = w.first_tile; ti < w.end_tile; ++ti) {
@@ -377,12 +737,12 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       finite = finite && pp[pl.off_finite()] != 0.0;
     }
     w.finite = finite;
-    if (!finite) continue;
+    if (!finite) return;
     const double nd = static_cast<double>(w.n);
     w.s.resize(static_cast<size_t>(N));
     for (int i = 0; i < N; ++i) {
-      w.s[static_cast<size_t>(i)] =
-          msg_rsqrt(static_cast<T>(sum[static_cast<size_t>(pl.off_A() + i)] / nd) + sc.norm_eps);
+      w.s[static_cast<size_t>(i)] = static_cast<T>(
+          mlp::mlp_plane_scale(sum[static_cast<size_t>(pl.off_A() + i)], nd, cfg.norm_eps));
     }
     w.vbar.assign(static_cast<size_t>(F), T(0));
     if (w.factored && F > 0) {
@@ -403,23 +763,25 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       w.rowf.resize(w.Rf.size());
       w.colf.resize(w.Cf.size());
       for (int f = 0; f < F; ++f) {
-        const T gam = sc.dec[KR + f];
+        const T gam = sc.dec[KR + f], omg = omd[static_cast<size_t>(KR + f)];
         double acc = 0.0;
         for (int64_t r = 0; r < w.rows; ++r) {
-          const T x = msg_ema(gam, w.fr0[f * w.rows + r], w.rm[static_cast<size_t>(r)]);
+          const T x = mlp::mlp_factored_update(w.fr0[f * w.rows + r], w.rm[static_cast<size_t>(r)],
+                                               gam, omg);
           w.Rf[static_cast<size_t>(f * w.rows + r)] = x;
-          acc += x;
+          acc += static_cast<double>(x);
         }
         const T vb = static_cast<T>(acc / static_cast<double>(w.rows));
         w.vbar[static_cast<size_t>(f)] = vb;
         for (int64_t r = 0; r < w.rows; ++r) {
           const size_t i = static_cast<size_t>(f * w.rows + r);
-          w.rowf[i] = msg_rsqrt(w.Rf[i] / vb);
+          w.rowf[i] = mlp::rsqrt_rn(mlp::div_rn(w.Rf[i], vb));
         }
         for (int64_t c = 0; c < w.cols; ++c) {
           const size_t i = static_cast<size_t>(f * w.cols + c);
-          w.Cf[i] = msg_ema(gam, w.fc0[f * w.cols + c], w.cm[static_cast<size_t>(c)]);
-          w.colf[i] = msg_rsqrt(w.Cf[i] / vb);
+          w.Cf[i] = mlp::mlp_factored_update(w.fc0[f * w.cols + c], w.cm[static_cast<size_t>(c)],
+                                             gam, omg);
+          w.colf[i] = mlp::rsqrt_rn(mlp::div_rn(w.Cf[i], vb));
         }
       }
       std::fill(w.rowpart.begin(), w.rowpart.end(), 0.0);
@@ -429,19 +791,16 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
         w.vbar[static_cast<size_t>(f)] = static_cast<T>(sum[static_cast<size_t>(pl.off_U() + f)] / nd);
       }
     }
-    // Time features, folded into the first layer's bias.
+    // Time features, folded into the first layer's bias (the forward's b0').
     const T tstep = w.step + T(1);
     w.tf.resize(static_cast<size_t>(n_time));
     for (int j = 0; j < n_time; ++j) {
-      w.tf[static_cast<size_t>(j)] = std::tanh(tstep / static_cast<T>(cfg.timescales[static_cast<size_t>(j)]) - T(1));
+      w.tf[static_cast<size_t>(j)] = mlp::mlp_time_feature(tstep, timescales[static_cast<size_t>(j)]);
     }
     w.b0eff.resize(static_cast<size_t>(H0));
-    for (int h = 0; h < H0; ++h) {
-      T acc = bias[0][h];
-      for (int j = 0; j < n_time; ++j) acc += w.tf[static_cast<size_t>(j)] * W0[(n_elem + j) * H0 + h];
-      w.b0eff[static_cast<size_t>(h)] = acc;
-    }
-  }
+    mlp::mlp_folded_bias<T>(tstep, timescales.data(), n_time, W0, bias[0], n_elem, H0,
+                            w.b0eff.data());
+  });
   std::fill(part.begin(), part.end(), 0.0);
 
   // ---- pass B1 ---------------------------------------------------------------------------
@@ -450,19 +809,39 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   int max_w = 2;
   for (size_t l = 0; l < a.widths.size(); ++l) max_w = std::max<int>(max_w, static_cast<int>(a.widths[l]));
 
+  // Transposed weights for the cotangent products dA_in = W dZ.
+  std::vector<std::vector<T>> Wt(static_cast<size_t>(L));
+  std::vector<const T*> Wt_ptrs(static_cast<size_t>(L));
+  for (int l = 0; l < L; ++l) {
+    const int in = l == 0 ? n_elem : static_cast<int>(a.widths[l]);
+    const int out = static_cast<int>(a.widths[l + 1]);
+    std::vector<T>& t = Wt[static_cast<size_t>(l)];
+    t.resize(static_cast<size_t>(in * out));
+    for (int i = 0; i < in; ++i)
+      for (int j = 0; j < out; ++j) t[static_cast<size_t>(j * in + i)] = W[l][i * out + j];
+    Wt_ptrs[static_cast<size_t>(l)] = t.data();
+  }
+  const std::vector<T> zeros(static_cast<size_t>(std::max(max_w, n_elem)), T(0));
+
   cpu::parallel_for(n_slots, [&](int64_t slot) {
     const int64_t t_begin = slot * n_tiles / n_slots, t_end = (slot + 1) * n_tiles / n_slots;
     double* dW = &slot_dw[static_cast<size_t>(slot * n_w)];
-    // Micro-batch buffers, SoA [feature][lane]: inputs, each layer's output, cotangents.
-    std::vector<T> X(static_cast<size_t>(n_elem * kB));
+    // Block buffers, SoA [feature][lane]: the recomputed forward, each layer's output,
+    // cotangents.
+    Block<T> blk(K, R, F, N, n_elem);
     std::vector<std::vector<T>> act(static_cast<size_t>(L));
     for (int l = 0; l < L; ++l) act[static_cast<size_t>(l)].assign(static_cast<size_t>(a.widths[l + 1] * kB), T(0));
     std::vector<T> dA(static_cast<size_t>(max_w * kB)), dZ(static_cast<size_t>(max_w * kB));
     std::vector<T> dZT(static_cast<size_t>((max_w + kJB - 1) / kJB * kJB * kB));
-    std::vector<MsgElem<T>> els(kB);
-    int64_t idx[kB], rr[kB], cc[kB];
+    int64_t rr[kB], cc[kB];
     std::vector<T*> act_ptrs(static_cast<size_t>(L));
     for (int l = 0; l < L; ++l) act_ptrs[static_cast<size_t>(l)] = act[static_cast<size_t>(l)].data();
+    BlockArgs<T> ba = args0;
+    ba.bl = &blk;
+    ba.act = act_ptrs.data();
+    B2Scratch<T> scr(K, R, F, N);
+    const T* P_ = blk.P;
+    const T* X = blk.x;
 
     for (int64_t ti = t_begin; ti < t_end; ++ti) {
       const Tile& tl = tiles[static_cast<size_t>(ti)];
@@ -482,126 +861,81 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
         });
         continue;
       }
-      const MsgTensor<T> v = w.view();
-      const MlpBatch<T> mb{L, n_elem, a.widths.data(), W.data(), bias.data(), w.b0eff.data(),
-                           X.data(), act_ptrs.data(), dA.data(), dZ.data(), dZT.data(), dW,
-                           w_off.data(), pp + pl.off_db0()};
+      ba.w = &w;
+      const MlpBatch<T> mb{L, n_elem, a.widths.data(), Wt_ptrs.data(), zeros.data(), blk.x, act_ptrs.data(),
+                           dA.data(), dZ.data(), dZT.data(), dW, w_off.data(),
+                           pp + pl.off_db0()};
+      const EpilogueArgs<T> ea{&ba, &w, &sc, &scr, dA.data(), rr, cc, tl.cb, tl.rg, coef};
       for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
         int64_t r = e0 / w.cols, c = e0 - r * w.cols;  // (row, col) of e, stepped below
         for (int64_t eb = e0; eb < e1; eb += kB) {
           const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
-          // -- features --
+          ba.e0 = eb;
+          ba.nb = nb;
+          ba.r0 = r;
+          ba.c0 = c;
           for (int b = 0; b < nb; ++b) {
-            const int64_t e = eb + b;
-            idx[b] = e;
             rr[b] = r;
             cc[b] = c;
             if (++c == w.cols) {
               c = 0;
               ++r;
             }
-            msg_recompute_planes(sc, v, e, els[static_cast<size_t>(b)]);
-            msg_recompute_factored(sc, v, e, rr[b], cc[b], els[static_cast<size_t>(b)]);
-            msg_features(sc, v, els[static_cast<size_t>(b)], X.data() + b, kB);
           }
-          for (int b = nb; b < kB; ++b)
-            for (int i = 0; i < n_elem; ++i) X[static_cast<size_t>(i * kB + b)] = T(0);
-          cpu::run_loop<MlpForwardK<T>>(&mb);
+          // -- the recomputed forward: features and the MLP --
+          cpu::run_loop<B1ForwardK<T>>(&ba);
           // -- the step's cotangents on (d, a) --
           const T* outp = act[static_cast<size_t>(L - 1)].data();
           for (int b = 0; b < kB; ++b) {
             T dd = T(0), da = T(0);
             if (b < nb) {
-              const int64_t e = idx[b];
+              const int64_t e = eb + b;
               const T gp = w.Gp[e];
               const T d = outp[b], mag = outp[kB + b];
-              const T ex = std::exp(sc.exp_mult * mag);
+              const T ex = mlp::exp_(mlp::mlp_exp_arg(mag, mc));
               dd = -coef * gp * ex;
               da = -coef * gp * d * sc.exp_mult * ex;
               pp[pl.off_lr()] += static_cast<double>(-sc.step_mult * gp *
-                                                      (d * ex + sc.weight_decay * els[static_cast<size_t>(b)].p));
+                                                      (d * ex + sc.weight_decay * blk.p[b]));
             }
             dA[static_cast<size_t>(b)] = dd;
             dA[static_cast<size_t>(kB + b)] = da;
           }
           cpu::run_loop<MlpBackwardK<T>>(&mb);
           // -- epilogue: local input gradients and the reductions --
-          const int base_fm = N + 2 + F;
-          const int base_row = N + 2 + F * (sc.fmi >= 0 ? 2 : 1);
-          const int base_col = base_row + F;
-          for (int b = 0; b < nb; ++b) {
-            const MsgElem<T>& el = els[static_cast<size_t>(b)];
-            const int64_t e = idx[b];
-            const int64_t r = rr[b], c = cc[b];
-            const T* dx = dA.data() + b;  // stride kB
-            T dP[kMsgMaxPlanes];
-            for (int i = 0; i < N; ++i) dP[i] = dx[i * kB];
-            dP[0] += msg_log_sign_vjp(el.P[0] * w.s[0], sc, dx[N * kB], dx[(N + 1) * kB]);
-            for (int i = 0; i < N; ++i) {
-              pp[pl.off_A() + i] += static_cast<double>(dP[i] * el.P[i]);
-              dP[i] *= w.s[static_cast<size_t>(i)];
-            }
-            T dm[kMsgMaxMom], dv[kMsgMaxRms], dm0[kMsgMaxMom], dv0[kMsgMaxRms];
-            for (int k = 0; k < K; ++k) dm[k] = w.Gm[k * n + e];
-            for (int j = 0; j < R; ++j) dv[j] = w.Gv[j * n + e];
-            const T gp = w.Gp[e];
-            T dg = T(0), dp = gp - gp * (coef * sc.weight_decay);
-            const T g2e = el.g * el.g + sc.fac_eps;
-            for (int f = 0; f < F; ++f) {
-              const T dfg = dx[(N + 2 + f) * kB];
-              const T dfm = sc.fmi >= 0 ? dx[(base_fm + f) * kB] : T(0);
-              const T drow = dx[(base_row + f) * kB], dcol = dx[(base_col + f) * kB];
-              const T ivh = el.ivh[f];
-              T divh = dfg * el.g;
-              dg += dfg * ivh;
-              if (sc.fmi >= 0) {
-                divh += dfm * el.m[sc.fmi];
-                dm[sc.fmi] += dfm * ivh;
-              }
-              const T dvhat = msg_rsqrt_vjp(ivh, divh);
-              if (w.factored) {
-                double* rp = &w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q + 2 * f)];
-                double* cp = &w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q + 2 * f)];
-                rp[0] += static_cast<double>(dvhat * el.Cc[f]);
-                rp[1] += static_cast<double>(drow);
-                cp[0] += static_cast<double>(dvhat * el.Rr[f]);
-                cp[1] += static_cast<double>(dcol);
-              } else {
-                const T vb = w.vbar[static_cast<size_t>(f)];
-                const T rf = el.rowf[f];
-                const T rf3 = rf * rf * rf;
-                const T dsum = drow + dcol;
-                const T dU = dvhat + dsum * (T(-0.5) * rf3 / vb) + w.Gfr[f * n + e];
-                pp[pl.off_U() + f] += static_cast<double>(dsum * (T(0.5) * rf3 * el.U[f] / (vb * vb)));
-                const T gam = sc.dec[KR + f];
-                w.dfr0[f * n + e] = gam * dU;
-                dg += T(2) * el.g * ((T(1) - gam) * dU);
-                pp[pl.off_dec() + KR + f] += static_cast<double>(dU * (el.u0[f] - g2e));
-              }
-            }
-            msg_planes_vjp(sc, el, dP, dm, dv, dg, dp, dm0, dv0, pp + pl.off_dec());
-            for (int k = 0; k < K; ++k) w.dm0[k * n + e] = dm0[k];
-            for (int j = 0; j < R; ++j) w.dv0[j * n + e] = dv0[j];
-            w.dg[e] = dg;
-            w.dp[e] = dp;
-          }
+          cpu::run_loop<EpilogueK<T>>(&ea);
         }
       });
+      // the tile's per-lane partials, lanes combined in lane order
+      for (int q = 0; q < N + F + KRF; ++q) {
+        double* d = scr.lane1.data() + q * kB;
+        double acc = pp[q];
+        for (int l = 0; l < kB; ++l) {
+          acc += d[l];
+          d[l] = 0.0;
+        }
+        pp[q] = acc;
+      }
     }
   });
 
   // ---- finalize 2 (per tensor) ----------------------------------------------------------
-  std::vector<double> ddec(static_cast<size_t>(KRF), 0.0);
-  double dlr = 0.0;
-  std::vector<double> dW_time(static_cast<size_t>(n_time * H0), 0.0);
-  for (size_t t = 0; t < nt; ++t) {
+  // Parallel over tensors; each tensor's contributions to the decay, lr and time-row
+  // gradients are kept apart and summed in tensor order below.
+  const size_t n_red = static_cast<size_t>(KRF + 1 + n_time * H0);
+  std::vector<double> red(nt * n_red, 0.0);
+  cpu::parallel_for(static_cast<int64_t>(nt), [&](int64_t tt) {
+    const size_t t = static_cast<size_t>(tt);
     Work<T>& w = ws[t];
+    double* ddec = &red[t * n_red];
+    double& dlr = ddec[KRF];
+    double* dW_time = ddec + KRF + 1;
     if (w.n == 0 || !w.finite) {  // cotangents of the row/col accumulators pass through
       if (w.factored) {
         for (int64_t i = 0; i < F * w.rows; ++i) w.dfr0[i] = w.Gfr[i];
         for (int64_t i = 0; i < F * w.cols; ++i) w.dfc0[i] = w.Gfc[i];
       }
-      continue;
+      return;
     }
     std::vector<double> sum(static_cast<size_t>(P), 0.0);
     for (int64_t ti = w.first_tile; ti < w.end_tile; ++ti) {
@@ -615,11 +949,11 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       w.kappa[static_cast<size_t>(i)] =
           static_cast<T>(-(si * si * si) * sum[static_cast<size_t>(pl.off_A() + i)] / nd);
     }
-    for (int i = 0; i < KRF; ++i) ddec[static_cast<size_t>(i)] += sum[static_cast<size_t>(pl.off_dec() + i)];
+    for (int i = 0; i < KRF; ++i) ddec[i] += sum[static_cast<size_t>(pl.off_dec() + i)];
     dlr += sum[static_cast<size_t>(pl.off_lr())];
     for (int j = 0; j < n_time; ++j) {
       for (int h = 0; h < H0; ++h) {
-        dW_time[static_cast<size_t>(j * H0 + h)] +=
+        dW_time[j * H0 + h] +=
             static_cast<double>(w.tf[static_cast<size_t>(j)]) * sum[static_cast<size_t>(pl.off_db0() + h)];
       }
     }
@@ -682,7 +1016,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
           dgam += dC * (static_cast<double>(w.fc0[i]) - static_cast<double>(w.cm[static_cast<size_t>(c)]));
           w.coefC[static_cast<size_t>(c)] += static_cast<T>((1.0 - gam) * dC / rows_d);
         }
-        ddec[static_cast<size_t>(KR + f)] += dgam;
+        ddec[KR + f] += dgam;
       }
     } else {
       w.cu.resize(static_cast<size_t>(F));
@@ -691,9 +1025,18 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
         w.cu[static_cast<size_t>(f)] = static_cast<T>(cu);
       }
     }
+  });
+  std::vector<double> ddec(static_cast<size_t>(KRF), 0.0);
+  double dlr = 0.0;
+  std::vector<double> dW_time(static_cast<size_t>(n_time * H0), 0.0);
+  for (size_t t = 0; t < nt; ++t) {
+    const double* r = &red[t * n_red];
+    for (int i = 0; i < KRF; ++i) ddec[static_cast<size_t>(i)] += r[i];
+    dlr += r[KRF];
+    for (int i = 0; i < n_time * H0; ++i) dW_time[static_cast<size_t>(i)] += r[KRF + 1 + i];
   }
-  // The 0/1-dim factored decay terms of dvbar need sum(u0 - g^2 - fac_eps) from pass 0,
-  // which was cleared: recompute it in B2 instead (below), per tile.
+  // The 0/1-dim factored decay terms of dvbar need sum(u0 - g^2 - fac_eps): B2 sums them
+  // per tile (below).
 
   // ---- pass B2: terms through the per-tensor reductions ---------------------------------
   const int P2 = KRF;
@@ -703,39 +1046,24 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
     Work<T>& w = ws[static_cast<size_t>(tl.t)];
     if (!w.finite) return;
     double* pp = &part2[static_cast<size_t>(ti * P2)];
-    const MsgTensor<T> v = w.view();
-    const int64_t n = w.n;
-    MsgElem<T> el;
+    Block<T> blk(K, R, F, N, n_elem);
+    BlockArgs<T> ba = args0;
+    ba.w = &w;
+    ba.bl = &blk;
+    B2Scratch<T> scr(K, R, F, N);
     for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        msg_recompute_planes(sc, v, e, el);
-        T dP[kMsgMaxPlanes];
-        for (int i = 0; i < N; ++i) dP[i] = w.kappa[static_cast<size_t>(i)] * el.P[i];
-        T dm[kMsgMaxMom], dv[kMsgMaxRms], dm0[kMsgMaxMom], dv0[kMsgMaxRms];
-        for (int k = 0; k < K; ++k) dm[k] = T(0);
-        for (int j = 0; j < R; ++j) dv[j] = T(0);
-        T dg = T(0), dp = T(0);
-        msg_planes_vjp(sc, el, dP, dm, dv, dg, dp, dm0, dv0, pp);
-        for (int k = 0; k < K; ++k) w.dm0[k * n + e] += dm0[k];
-        for (int j = 0; j < R; ++j) w.dv0[j * n + e] += dv0[j];
-        if (w.factored) {
-          if (F > 0) {
-            const int64_t r = e / w.cols, c = e - r * w.cols;
-            dg += T(2) * el.g * (w.coefR[static_cast<size_t>(r)] + w.coefC[static_cast<size_t>(c)]);
-          }
-        } else {
-          const T g2e = el.g * el.g + sc.fac_eps;
-          for (int f = 0; f < F; ++f) {
-            const T gam = sc.dec[KR + f], cu = w.cu[static_cast<size_t>(f)];
-            w.dfr0[f * n + e] += gam * cu;
-            dg += T(2) * el.g * ((T(1) - gam) * cu);
-            pp[KR + f] += static_cast<double>(cu * (w.fr0[f * n + e] - g2e));
-          }
-        }
-        w.dg[e] += dg;
-        w.dp[e] += dp;
+      for (int64_t eb = e0; eb < e1; eb += kB) {
+        ba.e0 = eb;
+        ba.nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
+        cpu::run_loop<B2K<T>>(&ba, &sc, &scr);
       }
     });
+    for (int i = 0; i < KRF; ++i) {  // lanes combined in lane order
+      const double* d = scr.dec.data() + i * kB;
+      double acc = pp[i];
+      for (int l = 0; l < kB; ++l) acc += d[l];
+      pp[i] = acc;
+    }
   });
   for (int64_t ti = 0; ti < n_tiles; ++ti) {
     for (int i = 0; i < P2; ++i) ddec[static_cast<size_t>(i)] += part2[static_cast<size_t>(ti * P2 + i)];

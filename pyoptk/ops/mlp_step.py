@@ -15,8 +15,9 @@ planes, two hidden activations and a dozen temporaries per element).
   ``"mlp_step_backward"`` of :mod:`pyoptk._backend`:
 
   - ``cpu``: the fused native kernel ``pyoptk._C.mlp_step_grad_cpu``
-    (``csrc/cpu/mlp_step_grad.cpp``, math in ``csrc/include/pyoptk/mlp_step_grad_math.h``),
-    float32 and float64 (so float64 ``gradcheck`` exercises the kernel itself). Three
+    (``csrc/cpu/mlp_step_grad.cpp``; the recomputed forward is the forward kernel's own
+    ``csrc/include/pyoptk/mlp_update_math.h``, the VJPs are in
+    ``csrc/include/pyoptk/mlp_step_grad_math.h``), float32 and float64 (so float64 ``gradcheck`` exercises the kernel itself). Three
     passes over the elements: the forward's statistics; B1 (features, MLP, backprop
     through the MLP, per-chunk weight-gradient partials summed in a fixed order, and
     the per-tensor / per-row / per-column reductions of the normalization and factored
@@ -130,7 +131,7 @@ register_backend(BACKWARD_OP, "torch")(mlp_step_backward_reference)
 # ----------------------------------------------------------------------------------
 # Backend launchers (backward).
 # ----------------------------------------------------------------------------------
-MAX_WIDTH = 128  # widest hidden layer the native kernel takes (its micro-batch buffers)
+MAX_WIDTH = 128  # widest hidden layer the native kernel takes (its block buffers)
 MAX_MOM, MAX_RMS, MAX_FAC = 8, 4, 8  # kMsgMax* in csrc/include/pyoptk/mlp_step_grad_math.h
 
 

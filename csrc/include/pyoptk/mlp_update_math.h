@@ -297,20 +297,29 @@ PYOPTK_HD S logsign_log(S x, S log_clamped, S thr, S k) {
 //   fb[f][l]           2+ dim: new column accumulator c_f[col of l]; unused otherwise
 //   ts                 per-tensor scale[N] and vbar[F] (finalize), factored flag
 // x needs n_element()*L entries; work needs L entries.
+// mlp_features = mlp_planes -> mlp_scale_planes -> mlp_scale_free_features; the fused
+// backward calls the three parts itself, keeping the unscaled planes and rsqrt(vhat+eps).
+
+// x[i][l] = P[i][l] * scale_i for the N normalized planes (x may alias P).
 template <typename S, int L>
-PYOPTK_HD void mlp_features(const MLPDims& dm, const MLPConsts<S>& c,
-                            const MLPTensorScalars<S>& ts, const S* PYOPTK_RESTRICT g,
-                            const S* PYOPTK_RESTRICT p, const S* PYOPTK_RESTRICT m,
-                            const S* PYOPTK_RESTRICT v, const S* PYOPTK_RESTRICT fa,
-                            const S* PYOPTK_RESTRICT fb, S* PYOPTK_RESTRICT x,
-                            S* PYOPTK_RESTRICT work) {
+PYOPTK_HD void mlp_scale_planes(const MLPDims& dm, const S* scale, const S* P, S* x) {
   const int N = dm.n_normalized();
-  mlp_planes<S, L>(dm, g, p, m, v, c.eps, x);
   for (int i = 0; i < N; ++i) {
-    const S s = ts.scale[i];
+    const S s = scale[i];
     PYOPTK_LANES
-    for (int l = 0; l < L; ++l) x[i * L + l] = mul_rn(x[i * L + l], s);
+    for (int l = 0; l < L; ++l) x[i * L + l] = mul_rn(P[i * L + l], s);
   }
+}
+
+// The scale-free features x[N..NE) from g_hat = x[0] (already scaled) and the new
+// accumulators. ivh (optional, F*L entries, KeepIvh): rsqrt(vhat_f + eps) per lane.
+template <typename S, int L, bool KeepIvh = false>
+PYOPTK_HD void mlp_scale_free_features(const MLPDims& dm, const MLPConsts<S>& c,
+                                       const MLPTensorScalars<S>& ts,
+                                       const S* PYOPTK_RESTRICT g, const S* PYOPTK_RESTRICT m,
+                                       const S* PYOPTK_RESTRICT fa,
+                                       const S* PYOPTK_RESTRICT fb, S* PYOPTK_RESTRICT x,
+                                       S* PYOPTK_RESTRICT work, S* PYOPTK_RESTRICT ivh = nullptr) {
   // log-sign of g_hat = x[0] (= g * scale_g)
   S* ls_log = x + dm.off_logsign() * L;
   S* ls_sign = ls_log + L;
@@ -335,15 +344,17 @@ PYOPTK_HD void mlp_features(const MLPDims& dm, const MLPConsts<S>& c,
     S* xm = x + (dm.off_fac_m() + f) * L;
     S* xr = x + (dm.off_row() + f) * L;
     S* xc = x + (dm.off_col() + f) * L;
+    S* iv = KeepIvh ? ivh + f * L : nullptr;
     const S* a = fa + f * L;
     const S* b = fb + f * L;
     if (ts.factored) {
       PYOPTK_LANES
       for (int l = 0; l < L; ++l) {
         // vhat = r*c/vbar; row = rsqrt(r/vbar); col = rsqrt(c/vbar)
-        const S ivh = rsqrt_rn(add_rn(div_rn(mul_rn(a[l], b[l]), vb), c.eps));
-        xg[l] = mul_rn(g[l], ivh);
-        if (fm) xm[l] = mul_rn(mf[l], ivh);
+        const S ivh_l = rsqrt_rn(add_rn(div_rn(mul_rn(a[l], b[l]), vb), c.eps));
+        if (KeepIvh) iv[l] = ivh_l;
+        xg[l] = mul_rn(g[l], ivh_l);
+        if (fm) xm[l] = mul_rn(mf[l], ivh_l);
         xr[l] = rsqrt_rn(div_rn(a[l], vb));
         xc[l] = rsqrt_rn(div_rn(b[l], vb));
       }
@@ -351,9 +362,10 @@ PYOPTK_HD void mlp_features(const MLPDims& dm, const MLPConsts<S>& c,
       PYOPTK_LANES
       for (int l = 0; l < L; ++l) {
         // vhat = u; row = col = rsqrt(u/vbar)
-        const S ivh = rsqrt_rn(add_rn(a[l], c.eps));
-        xg[l] = mul_rn(g[l], ivh);
-        if (fm) xm[l] = mul_rn(mf[l], ivh);
+        const S ivh_l = rsqrt_rn(add_rn(a[l], c.eps));
+        if (KeepIvh) iv[l] = ivh_l;
+        xg[l] = mul_rn(g[l], ivh_l);
+        if (fm) xm[l] = mul_rn(mf[l], ivh_l);
         const S rf = rsqrt_rn(div_rn(a[l], vb));
         xr[l] = rf;
         xc[l] = rf;
@@ -362,19 +374,37 @@ PYOPTK_HD void mlp_features(const MLPDims& dm, const MLPConsts<S>& c,
   }
 }
 
+template <typename S, int L>
+PYOPTK_HD void mlp_features(const MLPDims& dm, const MLPConsts<S>& c,
+                            const MLPTensorScalars<S>& ts, const S* PYOPTK_RESTRICT g,
+                            const S* PYOPTK_RESTRICT p, const S* PYOPTK_RESTRICT m,
+                            const S* PYOPTK_RESTRICT v, const S* PYOPTK_RESTRICT fa,
+                            const S* PYOPTK_RESTRICT fb, S* PYOPTK_RESTRICT x,
+                            S* PYOPTK_RESTRICT work) {
+  mlp_planes<S, L>(dm, g, p, m, v, c.eps, x);
+  mlp_scale_planes<S, L>(dm, ts.scale, x, x);
+  mlp_scale_free_features<S, L>(dm, c, ts, g, m, fa, fb, x, work);
+}
+
 // ---- time features folded into the first layer's bias --------------------------------
-// time_j = tanh(t/tau_j - 1), t = this update's step number (steps + 1), t/tau_j - 1 in
-// S as the reference; tanh evaluated in double and rounded once. Then
+// time_j = tanh(t/tau_j - 1) (mlp_time_feature), t = this update's step number
+// (steps + 1), t/tau_j - 1 in S as the reference; tanh evaluated in double and rounded
+// once. Then
 //   b0'[h] = b0[h] + sum_j time_j * w0[NE + j][h]       (sum in double, rounded once)
 // w0 is (D = NE + T, H0) row-major. On the host this is O(T*H0) per tensor.
+template <typename S>
+PYOPTK_HD S mlp_time_feature(S t, S tau) {
+  const S x = sub_rn(div_rn(t, tau), S(1));
+  return static_cast<S>(tanh(static_cast<double>(x)));
+}
+
 template <typename S>
 PYOPTK_HD void mlp_folded_bias(S t, const S* timescales, int T, const S* w0, const S* b0,
                                int NE, int H0, S* out) {
   for (int h = 0; h < H0; ++h) {
     double acc = static_cast<double>(b0[h]);
     for (int j = 0; j < T; ++j) {
-      const S x = sub_rn(div_rn(t, timescales[j]), S(1));
-      const S tf = static_cast<S>(tanh(static_cast<double>(x)));
+      const S tf = mlp_time_feature(t, timescales[j]);
       acc += static_cast<double>(tf) * static_cast<double>(w0[(NE + j) * H0 + h]);
     }
     out[h] = static_cast<S>(acc);
