@@ -247,11 +247,18 @@ void check_mlp_step_grad(const pyoptk::MLPStepGradTensors& a,
   check_len(fn, "cols", a.cols.size(), nt);
   check_len(fn, "factored", a.factored.size(), nt);
   const std::pair<const char*, const PtrList*> per_elem[] = {
-      {"params", &a.params}, {"grads", &a.grads}, {"moms", &a.moms}, {"rmss", &a.rmss},
-      {"d_params_out", &a.d_params_out}, {"d_moms_out", &a.d_moms_out},
-      {"d_rmss_out", &a.d_rmss_out}, {"d_params", &a.d_params}, {"d_grads", &a.d_grads},
-      {"d_moms", &a.d_moms}, {"d_rmss", &a.d_rmss}};
+      {"params", &a.params}, {"grads", &a.grads}, {"d_params_out", &a.d_params_out},
+      {"d_params", &a.d_params}, {"d_grads", &a.d_grads}};
   for (const auto& pl : per_elem) check_ptrs(fn, pl.first, *pl.second, numels);
+  // (K, n) momenta and (R, n) second moments: empty, so possibly null, when K or R is 0.
+  const std::pair<const char*, const PtrList*> moments[] = {
+      {"moms", &a.moms}, {"d_moms_out", &a.d_moms_out}, {"d_moms", &a.d_moms},
+      {"rmss", &a.rmss}, {"d_rmss_out", &a.d_rmss_out}, {"d_rmss", &a.d_rmss}};
+  const SizeList none(numels.size(), 0);
+  for (int i = 0; i < 6; ++i) {
+    const bool present = (i < 3 ? c.n_mom : c.n_rms) > 0;
+    check_ptrs(fn, moments[i].first, *moments[i].second, present ? numels : none);
+  }
   const std::pair<const char*, const PtrList*> per_tensor[] = {
       {"fac_rows", &a.fac_rows}, {"fac_cols", &a.fac_cols}, {"steps", &a.steps},
       {"d_fac_rows_out", &a.d_fac_rows_out}, {"d_fac_cols_out", &a.d_fac_cols_out},

@@ -109,7 +109,9 @@ needs_native = pytest.mark.skipif("cpu" not in pyoptk.available_backends("cpu"),
     (NO_FAC_MOM_NO_TIME, False, 1),
     (MLPConfig(hidden_sizes=(4,), features=FeatureConfig(momentum_decays=(0.5, 0.9),
                                                           rms_decays=(0.9, 0.99))), True, 0),
-], ids=["default-lr_tensor", "no_fac_mom-no_time", "K2_R2-one_hidden"])
+    (MLPConfig(hidden_sizes=(4,), features=FeatureConfig(
+        momentum_decays=(), rms_decays=(), fac_momentum_decay=None)), True, 2),
+], ids=["default-lr_tensor", "no_fac_mom-no_time", "K2_R2-one_hidden", "K0_R0"])
 def test_gradcheck_op(config, lr_tensor, seed, kernel_calls):
     inputs, weights, decays, hp = make_case(SMALL_SHAPES, config=config, lr_tensor=lr_tensor,
                                             seed=seed)
