@@ -447,3 +447,21 @@ def test_cpu_decline_falls_back(monkeypatch):
     mlp_update_reference(ref[0], grads, *ref[1:], weights, decays, config.op_hyper(1.0))
     assert torch.equal(state[0][0], ref[0][0])
 
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton")
+                                     if b in pyoptk.available_backends("cpu")])
+def test_noncontiguous_weights_equal_contiguous(backend):
+    """The public op takes the MLP weights in any layout (e.g. views of a transposed
+    meta-parameter); every backend must read their values, not their storage order."""
+    config, state, weights, decays = _setup([(5, 7), (3,)])
+    views = [w.t().contiguous().t() if w.dim() == 2 else w for w in weights]
+    assert any(not v.is_contiguous() for v in views)
+    other = _clone(state)
+    grads = _grads([(5, 7), (3,)], torch.float32, 4)
+    hp = config.op_hyper(0.7, 0.1)
+    with pyoptk.use_backend(backend):
+        mlp_update_(state[0], grads, *state[1:], weights, decays, hp)
+        mlp_update_(other[0], grads, *other[1:], views, decays, hp)
+    for a, b in zip(state[0], other[0]):
+        assert torch.equal(a, b)

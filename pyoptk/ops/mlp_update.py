@@ -454,8 +454,10 @@ def _mlp_update_triton(params, grads, moms, rmss, fac_rows, fac_cols, steps, wei
     from pyoptk.kernels import mlp_update as kernels
 
     kernels.check_supported(weights, hp, params[0].dtype if params else None)
-    kernels.mlp_update_(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
-                        hp)
+    # The kernels index the weights as contiguous (in, out) matrices; the public op
+    # accepts any layout (they are a few KB: copying costs nothing).
+    kernels.mlp_update_(params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                        [w.contiguous() for w in weights], decays.contiguous(), hp)
 
 
 def _run_backend(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
