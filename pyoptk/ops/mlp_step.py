@@ -50,9 +50,8 @@ from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
 from pyoptk.ops.mlp_update import (
-    MLPUpdateHyper, _check_list, _check_tensor, _hyper, check_hyper, check_weights,
-    factored_state_shapes, is_factored, matrix_shape, mlp_update_functional, mlp_update_one,
-    native_mlp_config)
+    MLPUpdateHyper, _check_list, _check_tensor, _hyper, check_step_lists, is_factored,
+    matrix_shape, mlp_update_functional, mlp_update_one, native_mlp_config, rule_op_args)
 
 OP = "mlp_step"
 BACKWARD_OP = "mlp_step_backward"
@@ -410,46 +409,21 @@ def mlp_step(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[T
     the reference).
     """
     op = OP
-    if not isinstance(params, (list, tuple)):
-        raise TypeError(f"{op}: params must be a list of tensors, got {type(params).__name__}")
-    params = _check_list(op, "params", params, len(params))
+    params, grads, moms, rmss, fac_rows, fac_cols = check_step_lists(
+        op, params, grads, moms, rmss, fac_rows, fac_cols, weights, decays, hp,
+        (torch.float32, torch.bfloat16, torch.float16, _F64),
+        lambda dtype: _F64 if dtype == _F64 else torch.float32)
     n = len(params)
-    grads = _check_list(op, "grads", grads, n)
-    moms = _check_list(op, "moms", moms, n)
-    rmss = _check_list(op, "rmss", rmss, n)
-    fac_rows = _check_list(op, "fac_rows", fac_rows, n)
-    fac_cols = _check_list(op, "fac_cols", fac_cols, n)
     steps = _check_list(op, "steps", steps, n)
-    check_hyper(op, hp)
     if not n:
         return [], [], [], [], [], []
-    device, dtype = params[0].device, params[0].dtype
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16, _F64):
-        raise TypeError(f"{op}: params must be float32, bfloat16, float16 or float64, got "
-                        f"{dtype}")
-    sdt = _F64 if dtype == _F64 else torch.float32
-    K, R, F = hp.n_mom, hp.n_rms, hp.n_fac
-    for i, p in enumerate(params):
-        shape = tuple(p.shape)
-        if p.dtype != dtype:
-            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}; "
-                            "one call takes one parameter dtype (split groups by dtype)")
-        _check_tensor(op, f"params[{i}]", p, None, None, device)
-        _check_tensor(op, f"grads[{i}]", grads[i], shape, dtype, device)
-        _check_tensor(op, f"moms[{i}]", moms[i], (K,) + shape, sdt, device)
-        _check_tensor(op, f"rmss[{i}]", rmss[i], (R,) + shape, sdt, device)
-        fr_shape, fc_shape = factored_state_shapes(shape, F)
-        _check_tensor(op, f"fac_rows[{i}]", fac_rows[i], fr_shape, sdt, device)
-        _check_tensor(op, f"fac_cols[{i}]", fac_cols[i], fc_shape, sdt, device)
-        s = steps[i]
+    device = params[0].device
+    sdt = _F64 if params[0].dtype == _F64 else torch.float32
+    for i, s in enumerate(steps):
         if s.numel() != 1 or s.dtype != sdt:
             raise TypeError(f"{op}: steps[{i}] must be a {sdt} tensor with one element, got "
                             f"{s.dtype} with {s.numel()} elements")
         _check_tensor(op, f"steps[{i}]", s, None, None, device)
-    check_weights(op, weights, hp.n_features, device, dtype=sdt)
-    if not isinstance(decays, Tensor):
-        raise TypeError(f"{op}: decays must be a {sdt} tensor, got {type(decays).__name__}")
-    _check_tensor(op, "decays", decays, (K + R + F,), sdt, device)
     lr_t = hp.lr_t
     if lr_t is not None:
         if not isinstance(lr_t, Tensor) or lr_t.numel() != 1 or lr_t.dtype != sdt:
@@ -463,8 +437,6 @@ def mlp_step(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[T
             raise ValueError(f"{op}: Invalid learning rate: {lr_f!r}")
         lr_f = float(lr_f)
     out = torch.ops.pyoptk.mlp_step(
-        params, grads, moms, rmss, fac_rows, fac_cols, steps, list(weights), decays, K, R, F,
-        int(hp.fac_mom_index), float(hp.log_sign_k), [float(t) for t in hp.timescales],
-        float(hp.eps), float(hp.norm_eps), float(hp.fac_eps), float(hp.exp_mult),
-        float(hp.step_mult), lr_f, lr_t, float(hp.weight_decay))
+        params, grads, moms, rmss, fac_rows, fac_cols, steps, list(weights), decays,
+        *rule_op_args(hp), lr_f, lr_t, float(hp.weight_decay))
     return tuple(list(o) for o in out)

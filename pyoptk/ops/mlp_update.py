@@ -607,6 +607,63 @@ def check_hyper(op: str, hp: MLPUpdateHyper) -> None:
         raise ValueError(f"{op}: Invalid weight_decay value: {hp.weight_decay}")
 
 
+def check_step_lists(op: str, params, grads, moms, rmss, fac_rows, fac_cols, weights,
+                     decays, hp: MLPUpdateHyper, param_dtypes: Sequence[torch.dtype],
+                     state_dtype) -> Tuple[List[Tensor], ...]:
+    """The checks ``mlp_update_`` and ``mlp_step`` share: list types and lengths, ``hp``,
+    one param dtype out of ``param_dtypes``, and every tensor's device, shape, dtype and
+    contiguity (state, weights and decays of ``state_dtype(param_dtype)``). Returns the
+    lists as lists; ``steps`` and the lr are checked by each caller."""
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"{op}: params must be a list of tensors, got {type(params).__name__}")
+    params = _check_list(op, "params", params, len(params))
+    n = len(params)
+    lists = [params] + [_check_list(op, name, lst, n) for name, lst in (
+        ("grads", grads), ("moms", moms), ("rmss", rmss), ("fac_rows", fac_rows),
+        ("fac_cols", fac_cols))]
+    check_hyper(op, hp)
+    if not n:
+        return tuple(lists)
+    grads, moms, rmss, fac_rows, fac_cols = lists[1:]
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in param_dtypes:
+        names = [_dtype_name(d) for d in param_dtypes]
+        raise TypeError(f"{op}: params must be {', '.join(names[:-1])} or {names[-1]}, "
+                        f"got {dtype}")
+    sdt = state_dtype(dtype)
+    K, R, F = hp.n_mom, hp.n_rms, hp.n_fac
+    for i, p in enumerate(params):
+        shape = tuple(p.shape)
+        if p.dtype != dtype:
+            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}; "
+                            "one call takes one parameter dtype (split groups by dtype)")
+        _check_tensor(op, f"params[{i}]", p, None, None, device)
+        _check_tensor(op, f"grads[{i}]", grads[i], shape, dtype, device)
+        _check_tensor(op, f"moms[{i}]", moms[i], (K,) + shape, sdt, device)
+        _check_tensor(op, f"rmss[{i}]", rmss[i], (R,) + shape, sdt, device)
+        fr_shape, fc_shape = factored_state_shapes(shape, F)
+        _check_tensor(op, f"fac_rows[{i}]", fac_rows[i], fr_shape, sdt, device)
+        _check_tensor(op, f"fac_cols[{i}]", fac_cols[i], fc_shape, sdt, device)
+    check_weights(op, weights, hp.n_features, device, dtype=sdt)
+    if not isinstance(decays, Tensor):
+        raise TypeError(f"{op}: decays must be a {_dtype_name(sdt)} tensor, got "
+                        f"{type(decays).__name__}")
+    _check_tensor(op, "decays", decays, (K + R + F,), sdt, device)
+    return tuple(lists)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def rule_op_args(hp: MLPUpdateHyper) -> tuple:
+    """The rule's constants in the order the ``pyoptk::mlp_update_`` and
+    ``pyoptk::mlp_step`` schemas take them, between ``decays`` and the lr."""
+    return (hp.n_mom, hp.n_rms, hp.n_fac, int(hp.fac_mom_index), float(hp.log_sign_k),
+            [float(t) for t in hp.timescales], float(hp.eps), float(hp.norm_eps),
+            float(hp.fac_eps), float(hp.exp_mult), float(hp.step_mult))
+
+
 @annotate("mlp_update_")
 def mlp_update_(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[Tensor],
                 rmss: Sequence[Tensor], fac_rows: Sequence[Tensor], fac_cols: Sequence[Tensor],
@@ -634,43 +691,15 @@ def mlp_update_(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequenc
     :func:`pyoptk.set_backend`.
     """
     op = OP
-    if not isinstance(params, (list, tuple)):
-        raise TypeError(f"{op}: params must be a list of tensors, got {type(params).__name__}")
-    params = _check_list(op, "params", params, len(params))
-    n = len(params)
-    grads = _check_list(op, "grads", grads, n)
-    moms = _check_list(op, "moms", moms, n)
-    rmss = _check_list(op, "rmss", rmss, n)
-    fac_rows = _check_list(op, "fac_rows", fac_rows, n)
-    fac_cols = _check_list(op, "fac_cols", fac_cols, n)
-    check_hyper(op, hp)
+    params, grads, moms, rmss, fac_rows, fac_cols = check_step_lists(
+        op, params, grads, moms, rmss, fac_rows, fac_cols, weights, decays, hp, PARAM_DTYPES,
+        lambda _dtype: STATE_DTYPE)
     if not params:
         return
-    device, dtype = params[0].device, params[0].dtype
-    if dtype not in PARAM_DTYPES:
-        raise TypeError(f"{op}: params must be float32, bfloat16 or float16, got {dtype}")
-    K, R, F = hp.n_mom, hp.n_rms, hp.n_fac
-    for i, p in enumerate(params):
-        shape = tuple(p.shape)
-        if p.dtype != dtype:
-            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}; "
-                            "one call takes one parameter dtype (split groups by dtype)")
-        _check_tensor(op, f"params[{i}]", p, None, None, device)
-        _check_tensor(op, f"grads[{i}]", grads[i], shape, dtype, device)
-        _check_tensor(op, f"moms[{i}]", moms[i], (K,) + shape, STATE_DTYPE, device)
-        _check_tensor(op, f"rmss[{i}]", rmss[i], (R,) + shape, STATE_DTYPE, device)
-        fr_shape, fc_shape = factored_state_shapes(shape, F)
-        _check_tensor(op, f"fac_rows[{i}]", fac_rows[i], fr_shape, STATE_DTYPE, device)
-        _check_tensor(op, f"fac_cols[{i}]", fac_cols[i], fc_shape, STATE_DTYPE, device)
+    device = params[0].device
     steps = list(steps) if isinstance(steps, (list, tuple)) else steps
-    check_steps(op, steps, n, device)
-    check_weights(op, weights, hp.n_features, device)
-    if not isinstance(decays, Tensor):
-        raise TypeError(f"{op}: decays must be a float32 tensor, got {type(decays).__name__}")
-    _check_tensor(op, "decays", decays, (K + R + F,), STATE_DTYPE, device)
+    check_steps(op, steps, len(params), device)
     lr_f, lr_t = check_lr(op, hp.lr_t if hp.lr_t is not None else hp.lr, device)
     torch.ops.pyoptk.mlp_update_(
-        params, grads, moms, rmss, fac_rows, fac_cols, steps, list(weights), decays, K, R, F,
-        int(hp.fac_mom_index), float(hp.log_sign_k), [float(t) for t in hp.timescales],
-        float(hp.eps), float(hp.norm_eps), float(hp.fac_eps), float(hp.exp_mult),
-        float(hp.step_mult), lr_f, lr_t, float(hp.weight_decay))
+        params, grads, moms, rmss, fac_rows, fac_cols, steps, list(weights), decays,
+        *rule_op_args(hp), lr_f, lr_t, float(hp.weight_decay))
