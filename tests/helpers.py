@@ -44,3 +44,35 @@ def cpu_backends(include_torch: bool = False):
 def small_for(backend: str, shapes, small_shapes):
     """The Triton interpreter is slow: give it the small shape set."""
     return small_shapes if backend == "triton" else shapes
+
+
+def mlp_setup(shapes, dtype=torch.float32, config=None, seed=0, out_scale=30.0,
+              wdtype=torch.float32):
+    """One ``mlp_update_`` call's inputs: ``(config, state, weights, decays)`` with
+    ``state = [params, moms, rmss, fac_rows, fac_cols, steps]`` (fresh state, random
+    params of ``dtype``). The fresh rule's output layer is tiny by design; it is scaled
+    by ``out_scale`` so the MLP (not just weight decay) dominates the update compared."""
+    from pyoptk.learned import MLPConfig, init_meta_params, init_state
+    from pyoptk.learned.mlp import decays_tensor, meta_weights
+
+    config = config or MLPConfig()
+    meta = init_meta_params(config, seed=3)
+    last = f"w{len(config.hidden_sizes)}"
+    meta = {k: (v * out_scale if k == last else v) for k, v in meta.items()}
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    st = init_state(params, config, dtype=torch.float32)
+    state = [list(params), st.mom, st.rms, st.fac_row, st.fac_col, st.step]
+    weights = [w.to(wdtype) for w in meta_weights(meta, config)]
+    decays = decays_tensor(config, meta).to(wdtype)
+    return config, state, weights, decays
+
+
+def clone_lists(state):
+    """A deep copy of a list of tensor lists."""
+    return [[t.clone() for t in role] for role in state]
+
+
+def random_grads(shapes, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]

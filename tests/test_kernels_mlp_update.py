@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from pyoptk.learned import FeatureConfig, MLPConfig, init_meta_params, init_state
-from pyoptk.learned.mlp import decays_tensor, meta_weights
+from pyoptk.learned import FeatureConfig, MLPConfig
 from pyoptk.ops.mlp_update import mlp_update_reference
 from helpers import STEP_TOL, assert_close
+from helpers import clone_lists as _clone, mlp_setup as _setup, random_grads as _grads
 
 try:  # editable install / wheel: the kernels ship as pyoptk.kernels
     from pyoptk.kernels import mlp_update as K
@@ -40,29 +40,10 @@ STATE_TOL = (1e-7, 1e-5)
 TF32_DELTA_RTOL = 2e-2
 
 
-def _setup(shapes, dtype=torch.float32, config=None, seed=0, out_scale=30.0):
-    config = config or MLPConfig()
-    meta = init_meta_params(config, seed=3)
-    # The fresh rule's output layer is tiny by design; scale it up so the MLP (not
-    # just weight decay) dominates the update being compared.
-    last = f"w{len(config.hidden_sizes)}"
-    meta = {k: (v * out_scale if k == last else v) for k, v in meta.items()}
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    st = init_state(params, config, dtype=torch.float32)
-    state = [list(params), st.mom, st.rms, st.fac_row, st.fac_col, st.step]
-    weights = meta_weights(meta, config)
-    decays = decays_tensor(config, meta)
-    return config, state, weights, decays
 
 
-def _clone(state):
-    return [[t.clone() for t in role] for role in state]
 
 
-def _grads(shapes, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]
 
 
 def _compare(kst, rst, before, what, delta_rtol=DELTA_RTOL, dtype=torch.float32):

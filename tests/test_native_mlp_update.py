@@ -27,11 +27,11 @@ import torch
 import pyoptk
 from pyoptk import _backend
 from pyoptk._native import native
-from pyoptk.learned import FeatureConfig, MLPConfig, init_meta_params, init_state
-from pyoptk.learned.mlp import decays_tensor, meta_weights
+from pyoptk.learned import FeatureConfig, MLPConfig
 from pyoptk.ops import _native_call as nc
 from pyoptk.ops.mlp_update import mlp_update_, mlp_update_reference
 from helpers import STEP_TOL, assert_close
+from helpers import clone_lists as _clone, mlp_setup as _setup, random_grads as _grads
 
 ODD_SHAPES = [(), (1,), (0,), (3,), (1, 7), (7, 1), (5, 13, 7), (33, 65), (2, 0, 3)]
 # Several chunks (kChunkSize = 16384) per tensor, row/column blocks across chunks.
@@ -47,30 +47,10 @@ DRIFT_RTOL = 3e-5
 DRIFT_STATE_RTOL = 1e-5
 
 
-def _setup(shapes, dtype=torch.float32, config=None, seed=0, out_scale=30.0,
-           wdtype=torch.float32):
-    config = config or MLPConfig()
-    meta = init_meta_params(config, seed=3)
-    # The fresh rule's output layer is tiny by design; scale it up so the MLP (not just
-    # weight decay) dominates the update being compared.
-    last = f"w{len(config.hidden_sizes)}"
-    meta = {k: (v * out_scale if k == last else v) for k, v in meta.items()}
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    st = init_state(params, config, dtype=torch.float32)
-    state = [list(params), st.mom, st.rms, st.fac_row, st.fac_col, st.step]
-    weights = [w.to(wdtype) for w in meta_weights(meta, config)]
-    decays = decays_tensor(config, meta).to(wdtype)
-    return config, state, weights, decays
 
 
-def _clone(state):
-    return [[t.clone() for t in role] for role in state]
 
 
-def _grads(shapes, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]
 
 
 def _cpu_step(state, grads, weights, decays, hp):
