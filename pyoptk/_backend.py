@@ -46,6 +46,7 @@ __all__ = [
     "backend_unavailable_reason",
     "implementation_for",
     "warn_fallback",
+    "warn_once",
 ]
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
@@ -201,18 +202,20 @@ def resolve_backend(op: str, device_type: str) -> str:
     return "torch"
 
 
-def _warn_slow_path(op: str, device_type: str, missing: list) -> None:
-    key = (op, device_type)
+def warn_once(key: tuple, message: str, stacklevel: int = 3) -> None:
+    """A :class:`SlowPathWarning` with ``message`` the first time ``key`` is seen in this
+    process (``stacklevel`` counted from the caller of ``warn_once``)."""
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(
-        f"pyoptk::{op} on {device_type} runs the PyTorch reference, slower than the fused "
-        f"kernels, because no fused backend is available ({'; '.join(missing)}). "
-        "`pyoptk info` shows the build.",
-        SlowPathWarning,
-        stacklevel=4,
-    )
+    warnings.warn(message, SlowPathWarning, stacklevel=stacklevel + 1)
+
+
+def _warn_slow_path(op: str, device_type: str, missing: list) -> None:
+    warn_once((op, device_type),
+              f"pyoptk::{op} on {device_type} runs the PyTorch reference, slower than the "
+              f"fused kernels, because no fused backend is available "
+              f"({'; '.join(missing)}). `pyoptk info` shows the build.", stacklevel=4)
 
 
 def implementation(op: str, device_type: str) -> Callable:
@@ -229,13 +232,7 @@ def warn_fallback(op: str, device_type: str, backend: str, reason: str) -> None:
     """One-time :class:`SlowPathWarning` (per op, device type, backend and reason) when a
     backend declines a call's configuration (NotImplementedError raised before any
     tensor was touched) and the op runs its PyTorch reference instead."""
-    key = (op, device_type, backend, reason)
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(
-        f"pyoptk::{op} on {device_type}: the {backend!r} backend does not support this "
-        f"configuration ({reason}); running the PyTorch reference instead (slower).",
-        SlowPathWarning,
-        stacklevel=4,
-    )
+    warn_once((op, device_type, backend, reason),
+              f"pyoptk::{op} on {device_type}: the {backend!r} backend does not support this "
+              f"configuration ({reason}); running the PyTorch reference instead (slower).",
+              stacklevel=4)

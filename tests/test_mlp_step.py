@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pyoptk
+from pyoptk import _backend
 from pyoptk.learned import FeatureConfig, MLPConfig, init_meta_params, init_state, update
 from pyoptk.learned.mlp import decays_tensor, meta_weights
 from pyoptk.ops import mlp_step
@@ -322,10 +323,10 @@ def test_second_order_gradients_match_reference():
 
 
 # ---- fallbacks and configuration ---------------------------------------------------------
-def test_declined_config_warns_and_falls_back():
+def test_declined_config_warns_and_falls_back(monkeypatch):
     cfg = MLPConfig(hidden_sizes=(mstep.MAX_WIDTH + 1,))
     inputs, weights, decays, hp = make_case([(3, 2)], dtype=torch.float32, config=cfg)
-    mstep._warned.clear()
+    monkeypatch.setattr(_backend, "_warned", set())
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         fused = _grads(inputs, weights, decays, hp, mlp_step)
@@ -436,7 +437,7 @@ def test_backward_does_not_depend_on_thread_count(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_backward_falls_back_to_reference_with_a_warning():
+def test_cuda_backward_falls_back_to_reference_with_a_warning(monkeypatch):
     """CUDA has no fused backward yet: autograd over the reference, warned once, with
     the CPU kernel's gradients."""
     inputs, weights, decays, hp = make_case([(33, 65), (257,)], dtype=torch.float32)
@@ -445,7 +446,7 @@ def test_cuda_backward_falls_back_to_reference_with_a_warning():
     to = lambda t: t.to(dev)  # noqa: E731
     g_inputs = [[to(t) for t in lst] for lst in inputs]
     g_hp = mstep._replace_lr(hp, to(hp.lr_t))
-    mstep._warned.clear()
+    monkeypatch.setattr(_backend, "_warned", set())
     with pytest.warns(pyoptk.SlowPathWarning, match="mlp_step_backward on cuda"):
         gpu = _grads(g_inputs, [to(w) for w in weights], to(decays), g_hp, mlp_step)
     _compare([g.cpu() for g in gpu], cpu, 1e-4, 1e-3, "cuda grad")

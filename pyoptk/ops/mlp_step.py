@@ -38,14 +38,13 @@ Lists must be ``None``-free (the functional :func:`pyoptk.learned.update` filter
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from pyoptk._backend import (
-    SlowPathWarning, get_backend, implementation, register_backend, use_backend)
+    get_backend, implementation, register_backend, use_backend, warn_once)
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
@@ -186,16 +185,6 @@ def _mlp_step_backward_cpu(inputs, weights, decays, hp: MLPUpdateHyper, cotangen
     return tuple(outs), d_w, d_dec, d_lr
 
 
-_warned: set = set()
-
-
-def _warn_once(key, msg: str) -> None:
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(msg, SlowPathWarning, stacklevel=3)
-
-
 def _choose_backward(inputs, weights, hp) -> Callable:
     """The backward implementation for this call (warning once when it is the slow
     reference): the native kernel where it runs, else autograd over the reference."""
@@ -211,15 +200,16 @@ def _choose_backward(inputs, weights, hp) -> Callable:
         why = native_decline_reason(inputs[0], weights, hp)
         if why is None:
             return fn
-        _warn_once(("declined", why),
-                   f"pyoptk::{BACKWARD_OP}: the native CPU backward does not support {why}; "
-                   "autograd over the PyTorch reference runs instead (slower, more memory).")
+        warn_once((BACKWARD_OP, "declined", why),
+                  f"pyoptk::{BACKWARD_OP}: the native CPU backward does not support {why}; "
+                  "autograd over the PyTorch reference runs instead (slower, more memory).",
+                  stacklevel=2)
         return mlp_step_backward_reference
     if chosen == "auto" and device.type != "cpu":
-        _warn_once(("device", device.type),
-                   f"pyoptk::{BACKWARD_OP} on {device.type} runs autograd over the PyTorch "
-                   "reference (no fused backward kernel for this device yet): slower and "
-                   "more memory than the CPU kernel.")
+        warn_once((BACKWARD_OP, "device", device.type),
+                  f"pyoptk::{BACKWARD_OP} on {device.type} runs autograd over the PyTorch "
+                  "reference (no fused backward kernel for this device yet): slower and "
+                  "more memory than the CPU kernel.", stacklevel=2)
     return fn
 
 
