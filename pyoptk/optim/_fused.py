@@ -79,6 +79,22 @@ def split_lr(lr: Any, device: torch.device) -> Tuple[float, Optional[Tensor]]:
     return float(lr), None
 
 
+def split_by_device_dtype(*lists: List[Tensor]) -> List[Tuple[List[Tensor], ...]]:
+    """Parallel lists (the first holds the params) split by the params' (device, dtype):
+    one tuple of lists per bucket, buckets in first-seen order, tensors in their order —
+    the unit of one fused op call."""
+    index: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+    for i, p in enumerate(lists[0]):
+        index.setdefault((p.device, p.dtype), []).append(i)
+    return [tuple([lst[i] for i in idx] for lst in lists) for idx in index.values()]
+
+
+def contiguous(tensors: List[Tensor]) -> List[Tensor]:
+    """The tensors, with a contiguous copy of any that is not (a hand-assigned grad may be
+    a strided view; the kernels read a copy)."""
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
 @dataclass
 class Bucket:
     """Parallel lists of one (device, dtype): params, grads, steps and each state key."""
@@ -168,19 +184,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         steps: List[Tensor] = []
         states: Tuple[List[Tensor], ...] = tuple([] for _ in keys)
         self._init_group(group, index, params, grads, steps, *states)
-        buckets: Dict[Tuple[torch.device, torch.dtype], Bucket] = {}
-        for i, p in enumerate(params):
-            bucket = buckets.get((p.device, p.dtype))
-            if bucket is None:
-                bucket = buckets[(p.device, p.dtype)] = Bucket(state={k: [] for k in keys})
-            bucket.params.append(p)
-            # A hand-assigned grad may be a non-contiguous view; the kernels read a copy.
-            g = grads[i]
-            bucket.grads.append(g if g.is_contiguous() else g.contiguous())
-            bucket.steps.append(steps[i])
-            for k, lst in zip(keys, states):
-                bucket.state[k].append(lst[i])
-        return list(buckets.values())
+        return [Bucket(b[0], b[1], b[2], dict(zip(keys, b[3:])))
+                for b in split_by_device_dtype(params, contiguous(grads), steps, *states)]
 
     @torch.no_grad()
     def step(self, closure=None):

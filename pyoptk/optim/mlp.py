@@ -14,7 +14,7 @@ See ``docs/learned.md`` for the features, constants and memory cost.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from pyoptk._nvtx import nvtx_range
 from pyoptk.learned import mlp as rule
 from pyoptk.learned.mlp import MLPConfig
 from pyoptk.ops.mlp_update import mlp_update_
+from pyoptk.optim._fused import contiguous, split_by_device_dtype
 from pyoptk.optim.learned import LearnedOptimizer
 
 __all__ = ["MLPOptimizer"]
@@ -144,13 +145,10 @@ class MLPOptimizer(LearnedOptimizer):
                 lists: Tuple[List[Tensor], ...] = ([], [], [], [], [], [], [])
                 self._init_group(group, *lists)
                 # one op call per (device, dtype) bucket
-                buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-                for i, p in enumerate(lists[0]):
-                    buckets.setdefault((p.device, p.dtype), []).append(i)
-                for (device, _dtype), idx in buckets.items():
-                    params, grads, moms, rmss, fac_rows, fac_cols, steps = (
-                        [lst[i] for i in idx] for lst in lists)
-                    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+                for params, grads, moms, rmss, fac_rows, fac_cols, steps in \
+                        split_by_device_dtype(*lists):
+                    device = params[0].device
+                    grads = contiguous(grads)
                     weights, decays = self._meta_on(device, self._build_device_meta)
                     lr = group["lr"]
                     if isinstance(lr, Tensor):
