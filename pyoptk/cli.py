@@ -2,6 +2,8 @@
 
     pyoptk info                 build, backends, which backend each op uses
     pyoptk demo [--out DIR]     digits: torch AdamW vs pyoptk AdamW / LAMB / Lookahead
+    pyoptk eval [...]           optimizers over a task split vs AdamW (default and tuned lr)
+    pyoptk compare [...]        one task, several optimizers, one loss-curve plot
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
     pyoptk bench learned [...]  learned-optimizer step, memory and meta-gradient costs
 """
@@ -37,7 +39,19 @@ def _bench(argv: List[str]) -> int:
     return importlib.import_module(suites[argv[0]]).main(argv[1:])
 
 
-COMMANDS = {"info": _info, "demo": _demo, "bench": _bench}
+def _eval(argv: List[str]) -> int:
+    from pyoptk.meta.evaluation import main
+
+    return main(argv)
+
+
+def _compare(argv: List[str]) -> int:
+    from pyoptk.meta.evaluation import main
+
+    return main(argv, compare=True)
+
+
+COMMANDS = {"info": _info, "demo": _demo, "eval": _eval, "compare": _compare, "bench": _bench}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
