@@ -1,0 +1,239 @@
+"""Task families: determinism from seeds, trainability, vmap/grad, splits, sampler
+resume, bad inputs (pyoptk.tasks, docs/tasks.md)."""
+
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+import pyoptk.tasks as tasks
+from pyoptk.tasks import (SPLITS, MLPTask, RosenbrockTask, TaskSampler, TaskSpec, build_task,
+                          family_names, get_family, load_dataset, split_families)
+from pyoptk.tasks import datasets as datasets_mod
+
+FAMILIES = family_names()
+SEEDS = (0, 1, 2)
+# Adam learning rate per family for the trainability test (all others: 1e-2).
+ADAM_LR = {"quadratic": 5e-2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tasks are tiny: extra intra-op threads only add contention (and time).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _equal_batches(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return len(a) == len(b) and all(_equal_batches(x, y) for x, y in zip(a, b))
+
+
+def _equal_params(a, b):
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_same_task(family):
+    t1, t2 = get_family(family).sample(7), get_family(family).sample(7)
+    assert t1.hparams == t2.hparams
+    assert t1.spec == TaskSpec(family, 7) and build_task(t1.spec).hparams == t1.hparams
+    assert _equal_params(t1.init_params(), t2.init_params())
+    assert _equal_params(t1.init_params(seed=3), t2.init_params(seed=3))
+    for split in ("train", "valid", "test"):
+        assert _equal_batches(t1.batch(5, split), t2.batch(5, split))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_different_seeds_differ(family):
+    fam = get_family(family)
+    hps = [fam.sample(s).hparams for s in range(6)]
+    assert len({repr(h) for h in hps}) > 1, hps
+    t = fam.sample(0)
+    assert not _equal_params(t.init_params(seed=0), t.init_params(seed=1))
+    if isinstance(t, MLPTask):  # noise-free quadratics/Rosenbrocks have a fixed target
+        assert not _equal_batches(t.batch(0), t.batch(1))
+        assert not _equal_batches(t.batch(0, "train"), t.batch(0, "valid"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_params_dtype_device_and_count(family):
+    t = get_family(family).sample(0)
+    p = t.init_params(dtype=torch.float64)
+    assert isinstance(p, OrderedDict) and p
+    assert all(v.dtype == torch.float64 and v.device.type == "cpu" for v in p.values())
+    assert t.param_count == sum(v.numel() for v in p.values())
+    loss = t.loss(p, t.batch(0))
+    assert loss.dtype == torch.float64 and loss.shape == ()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_decreases_under_adam(family):
+    fam = get_family(family)
+    for seed in SEEDS:
+        t = fam.sample(seed)
+        params = OrderedDict((k, v.clone().requires_grad_()) for k, v in t.init_params().items())
+        with torch.no_grad():
+            before = t.eval_loss(params).item()
+        opt = torch.optim.Adam(params.values(), lr=ADAM_LR.get(family, 1e-2))
+        for step in range(40):
+            loss = t.loss(params, t.batch(step))
+            assert torch.isfinite(loss), (t, step, loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            after = t.eval_loss(params).item()
+        assert after < 0.9 * before, (t, before, after)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vmap_over_particles_matches_loop(family):
+    t = get_family(family).sample(1)
+    inits = [t.init_params(seed=s, dtype=torch.float64) for s in range(3)]
+    stacked = OrderedDict((k, torch.stack([p[k] for p in inits])) for k in inits[0])
+    batch = t.batch(2)
+    losses = vmap(t.loss, in_dims=(0, None))(stacked, batch)
+    grads = vmap(grad(t.loss), in_dims=(0, None))(stacked, batch)
+    for i, p in enumerate(inits):
+        torch.testing.assert_close(losses[i], t.loss(p, batch))
+        g = grad(t.loss)(p, batch)
+        for k in p:
+            torch.testing.assert_close(grads[k][i], g[k])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_loss_every_split(family):
+    t = get_family(family).sample(3)
+    p = t.init_params()
+    for split in ("train", "valid", "test"):
+        v = t.eval_loss(p, split)
+        assert v.shape == () and torch.isfinite(v)
+    with pytest.raises(ValueError, match="split"):
+        t.eval_loss(p, "validation")
+    with pytest.raises(ValueError, match="split"):
+        t.batch(0, "validation")
+
+
+def test_supervised_eval_loss_is_the_full_split():
+    t = get_family("mlp_wine").sample(0)
+    p = t.init_params()
+    x, y = load_dataset("wine").split("valid")
+    torch.testing.assert_close(t.eval_loss(p), t.loss(p, (x, y)))
+
+
+def test_rosenbrock_minimum_and_noise():
+    t = RosenbrockTask(0, dim=5, a=100.0, scale=0.5, noise=0.1)
+    ones = OrderedDict(x=torch.ones(5, dtype=torch.float64))
+    assert t.eval_loss(ones).item() == 0.0
+    assert t.loss(ones, t.batch(0)).item() > 0.0          # noisy valley centres
+    assert not torch.equal(t.batch(0), t.batch(1))
+    x = OrderedDict(x=torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    classic = RosenbrockTask(0, dim=2, a=100.0, scale=1.0)
+    assert classic.loss(x, classic.batch(0)).item() == pytest.approx(24.2)
+
+
+def test_datasets_fixed_disjoint_standardized():
+    for name in datasets_mod.DATASETS:
+        d = load_dataset(name)
+        assert load_dataset(name) is d                    # cached per process
+        n = {s: d.x[s].shape[0] for s in ("train", "valid", "test")}
+        assert all(d.y[s].shape == (n[s],) and d.x[s].dtype == torch.float32 for s in n)
+        assert n["train"] > n["valid"] > 0 and n["test"] > 0
+        mean = d.x["train"].mean(0)
+        assert mean.abs().max() < 1e-4
+        assert set(d.y["train"].tolist()) == set(range(d.n_classes))
+    digits = load_dataset("digits")
+    assert (digits.n_features, digits.n_classes) == (64, 10)
+    assert sum(digits.x[s].shape[0] for s in ("train", "valid", "test")) == 1797
+
+
+def test_dataset_splits_do_not_share_rows():
+    # The split is of row indices: re-derive them and check disjointness and coverage.
+    d = load_dataset("breast_cancer")
+    train = {tuple(r) for r in d.x["train"].tolist()}
+    valid = {tuple(r) for r in d.x["valid"].tolist()}
+    test = {tuple(r) for r in d.x["test"].tolist()}
+    assert not (train & valid) and not (train & test) and not (valid & test)
+
+
+def test_missing_sklearn_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        datasets_mod._sklearn_arrays("wine")
+
+
+def test_splits_fixed_disjoint_and_complete():
+    train, valid, test = (set(split_families(s)) for s in ("train", "valid", "test"))
+    assert train and valid and test
+    assert not (train & valid) and not (train & test) and not (valid & test)
+    assert train | valid | test == set(FAMILIES)
+    assert set(SPLITS) == {"train", "valid", "test"}
+    sampled = {t.family for t in TaskSampler("train", seed=0).next_batch(200)}
+    assert sampled == train                                  # and never a test family
+
+
+def test_sampler_deterministic_and_resumes():
+    a = TaskSampler("train", seed=3)
+    first = [t.spec for t in a.next_batch(5)]
+    state = a.state_dict()
+    rest = [t.spec for t in a.next_batch(5)]
+    assert [t.spec for t in TaskSampler("train", seed=3).next_batch(10)] == first + rest
+    b = TaskSampler("train", seed=3)
+    b.load_state_dict(state)
+    assert [t.spec for t in b.next_batch(5)] == rest
+    assert [t.spec for t in TaskSampler("train", seed=4).next_batch(10)] != first + rest
+    with pytest.raises(ValueError, match="families"):
+        TaskSampler("valid", seed=3).load_state_dict(state)
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="unknown task family 'mnist'"):
+        get_family("mnist")
+    with pytest.raises(ValueError, match="unknown task family"):
+        TaskSampler(["mlp_digits", "mnist"])
+    with pytest.raises(ValueError, match="split must be one of"):
+        split_families("validation")
+    with pytest.raises(ValueError, match="split must be one of"):
+        TaskSampler("eval")
+    with pytest.raises(ValueError, match="dataset"):
+        load_dataset("iris")
+    with pytest.raises(ValueError, match="dataset"):
+        tasks.MLPFamily("mnist")
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 8.0}, "batch_size"),
+    ({"activation": "swish"}, "activation"),
+    ({"hidden": (16, 0)}, "hidden"),
+    ({"init_scale": -1.0}, "init_scale"),
+    ({"l2": -0.1}, "l2"),
+    ({"dataset": "iris"}, "dataset"),
+])
+def test_bad_mlp_hparams(kwargs, param):
+    kw = {"dataset": "wine", **kwargs}
+    with pytest.raises(ValueError, match=param):
+        MLPTask("mlp_wine", 0, **kw)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"dim": 1}, "dim"), ({"a": 0.0}, "a must"), ({"scale": -1.0}, "scale"),
+    ({"noise": -0.1}, "noise"), ({"init_scale": -1.0}, "init_scale"),
+])
+def test_bad_rosenbrock_hparams(kwargs, param):
+    with pytest.raises(ValueError, match=param):
+        RosenbrockTask(0, **kwargs)
+
+
+def test_bad_family_ranges():
+    with pytest.raises(ValueError, match="depth"):
+        tasks.MLPFamily("wine", depth=(0, 2))
+    with pytest.raises(ValueError, match="width"):
+        tasks.MLPFamily("wine", width=(8, 4))
