@@ -10,7 +10,9 @@
 """
 
 from pyoptk.tasks.base import SPLIT_NAMES, Task, TaskFamily, TaskSpec, derive_seed, generator
+from pyoptk.tasks.char_lm import CharLMFamily, CharLMTask
 from pyoptk.tasks.classification import LogisticFamily, MLPFamily, MLPTask
+from pyoptk.tasks.cnn import CNNFamily, CNNTask
 from pyoptk.tasks.datasets import DATASETS, Dataset, load_dataset
 from pyoptk.tasks.quadratic import QuadraticFamily, QuadraticTask
 from pyoptk.tasks.registry import (
@@ -21,7 +23,8 @@ from pyoptk.tasks.rosenbrock import RosenbrockFamily, RosenbrockTask
 for _family in (QuadraticFamily(), RosenbrockFamily(),
                 LogisticFamily("digits"), LogisticFamily("wine"), LogisticFamily("breast_cancer"),
                 MLPFamily("digits"), MLPFamily("wine"), MLPFamily("breast_cancer"),
-                MLPFamily("digits", depth=(4, 6), width=(32, 128), name="mlp_deep_digits")):
+                MLPFamily("digits", depth=(4, 6), width=(32, 128), name="mlp_deep_digits"),
+                CNNFamily(), CharLMFamily()):
     register_family(_family)
 
 # Provisional until the CNN and char-LM families land (docs/tasks.md).
@@ -29,7 +32,7 @@ SPLITS.update({
     "train": ("quadratic", "rosenbrock", "logreg_digits", "logreg_wine", "mlp_digits",
               "mlp_wine"),
     "valid": ("logreg_breast_cancer", "mlp_breast_cancer"),
-    "test": ("mlp_deep_digits",),
+    "test": ("mlp_deep_digits", "cnn_digits", "char_lm"),
 })
 
 __all__ = [
@@ -37,5 +40,5 @@ __all__ = [
     "generator", "build_task", "family_names", "get_family", "register_family",
     "split_families", "DATASETS", "Dataset", "load_dataset", "QuadraticFamily",
     "QuadraticTask", "RosenbrockFamily", "RosenbrockTask", "LogisticFamily", "MLPFamily",
-    "MLPTask",
+    "MLPTask", "CNNFamily", "CNNTask", "CharLMFamily", "CharLMTask",
 ]
