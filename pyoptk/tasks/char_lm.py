@@ -131,16 +131,18 @@ class CharLMTask(Task):
     def _gru(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Hidden states ``(batch, seq_len, hidden)`` of the GRU over inputs ``x``
         ``(batch, seq_len, embed)`` from ``h₀ = 0``; ``nn.GRU``'s equations."""
+        sizes = [2 * self.hparams["hidden"], self.hparams["hidden"]]   # (r, z) and n
         gi = F.linear(x, params["gru.weight_ih"], params["gru.bias_ih"])  # all steps at once
         w_hh, b_hh = params["gru.weight_hh"], params["gru.bias_hh"]
-        h = x.new_zeros(x.shape[0], self.hparams["hidden"])
+        h = x.new_zeros(x.shape[0], sizes[1])
         hs = []
-        for t in range(x.shape[1]):
-            i_r, i_z, i_n = gi[:, t].chunk(3, dim=-1)
-            h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            h = torch.lerp(torch.tanh(i_n + r * h_n), h, z)     # (1 − z)·n + z·h
+        # unbind/split (backward: one stack/cat) rather than slicing, whose backward
+        # writes a zero tensor of the full input per step.
+        for gi_t in gi.unbind(1):
+            gi_rz, gi_n = gi_t.split(sizes, dim=-1)
+            gh_rz, gh_n = F.linear(h, w_hh, b_hh).split(sizes, dim=-1)
+            r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=-1)
+            h = torch.lerp(torch.tanh(gi_n + r * gh_n), h, z)          # (1 − z)·n + z·h
             hs.append(h)
         return torch.stack(hs, dim=1)
 
