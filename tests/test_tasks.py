@@ -9,8 +9,9 @@ import torch
 from torch.func import grad, vmap
 
 import pyoptk.tasks as tasks
-from pyoptk.tasks import (SPLITS, CharLMTask, CNNTask, MLPTask, RosenbrockTask, TaskSampler, TaskSpec, build_task,
-                          family_names, get_family, load_dataset, split_families)
+from pyoptk.tasks import (SPLITS, CharLMTask, CNNTask, MLPTask, RosenbrockTask, TaskSampler,
+                          TaskSpec, build_task, family_names, get_family, load_dataset,
+                          split_families)
 from pyoptk.tasks import datasets as datasets_mod
 
 FAMILIES = family_names()
@@ -309,3 +310,16 @@ def test_bad_cnn_hparams(kwargs, param):
 def test_bad_char_lm_hparams(kwargs, param):
     with pytest.raises(ValueError, match=param):
         CharLMTask(0, **kwargs)
+
+
+def test_docs_example_runs():
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "tasks.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", doc.read_text(), re.S | re.M)
+    assert blocks
+    for code in blocks:
+        namespace = {}
+        exec(compile(code, str(doc), "exec"), namespace)
+        assert torch.isfinite(namespace["loss"]) and torch.isfinite(namespace["val"])

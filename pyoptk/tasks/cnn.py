@@ -6,7 +6,8 @@ Each conv block is ``3×3 conv (padding 1) → activation → 2×2 average pool`
 (``cnn_digits``) draws 1 or 2 blocks, each with 4, 8 or 16 channels, the activation ∈
 {relu, tanh, gelu}, batch size ∈ {16, 32, 64, 128}, init scale log-uniform in
 [0.5, 2] (× the LeCun fan-in std) and l2 (0 with probability ½ else log-uniform in
-[1e-4, 1e-2]).
+[1e-4, 1e-2]). Inputs are the digits pixels standardized per pixel with the train rows'
+statistics (:mod:`pyoptk.tasks.datasets`), as the MLPs see them.
 """
 
 from __future__ import annotations
