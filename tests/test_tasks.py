@@ -323,3 +323,43 @@ def test_docs_example_runs():
         namespace = {}
         exec(compile(code, str(doc), "exec"), namespace)
         assert torch.isfinite(namespace["loss"]) and torch.isfinite(namespace["val"])
+
+
+def test_import_and_synthetic_tasks_need_no_sklearn():
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["sklearn"] = None                 # import raises ImportError
+        import pyoptk.tasks as tasks
+        for name in ("quadratic", "rosenbrock", "char_lm"):
+            t = tasks.get_family(name).sample(0)
+            assert float(t.loss(t.init_params(), t.batch(0))) > 0
+        try:
+            tasks.get_family("mlp_digits").sample(0)
+        except ImportError as e:
+            assert "pip install scikit-learn" in str(e), e
+            print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_params_batches_and_vmap(family):
+    dev = torch.device("cuda")
+    t = get_family(family).sample(0)
+    p = t.init_params(device=dev)
+    batch = t.batch(0, device=dev)
+    loss = t.loss(p, batch)
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    torch.testing.assert_close(loss.cpu(), t.loss(t.init_params(), t.batch(0)),
+                               rtol=1e-4, atol=1e-5)
+    assert t.eval_loss(p, "valid", device=dev).device.type == "cuda"
+    stacked = OrderedDict((k, torch.stack([v, v])) for k, v in p.items())
+    g = vmap(grad(t.loss), in_dims=(0, None))(stacked, batch)
+    assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in g.values())
