@@ -91,7 +91,7 @@ class CharLMTask(Task):
         g = generator(self.family, self.seed, "init", seed)
         hp = self.hparams
         s, e, h, v = hp["init_scale"], hp["embed"], hp["hidden"], len(self.corpus.vocab)
-        shapes = OrderedDict(embed=((v, e), 1))      # name -> (shape, fan-in)
+        shapes = OrderedDict(embed=((v, e), 1))      # name -> (shape, fan-in; 0: zeros)
         if hp["arch"] == "mlp":
             shapes["hidden.weight"] = ((h, hp["context"] * e), hp["context"] * e)
             shapes["hidden.bias"] = ((h,), 0)
