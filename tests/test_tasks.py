@@ -9,8 +9,9 @@ import torch
 from torch.func import grad, vmap
 
 import pyoptk.tasks as tasks
-from pyoptk.tasks import (SPLITS, MLPTask, RosenbrockTask, TaskSampler, TaskSpec, build_task,
-                          family_names, get_family, load_dataset, split_families)
+from pyoptk.tasks import (SPLITS, CharLMTask, CNNTask, MLPTask, RosenbrockTask, TaskSampler,
+                          TaskSpec, build_task, family_names, get_family, load_dataset,
+                          split_families)
 from pyoptk.tasks import datasets as datasets_mod
 
 FAMILIES = family_names()
@@ -56,7 +57,7 @@ def test_different_seeds_differ(family):
     assert len({repr(h) for h in hps}) > 1, hps
     t = fam.sample(0)
     assert not _equal_params(t.init_params(seed=0), t.init_params(seed=1))
-    if isinstance(t, MLPTask):  # noise-free quadratics/Rosenbrocks have a fixed target
+    if isinstance(t, (MLPTask, CNNTask, CharLMTask)):  # noise-free quadratics: fixed target
         assert not _equal_batches(t.batch(0), t.batch(1))
         assert not _equal_batches(t.batch(0, "train"), t.batch(0, "valid"))
 
@@ -237,3 +238,128 @@ def test_bad_family_ranges():
         tasks.MLPFamily("wine", depth=(0, 2))
     with pytest.raises(ValueError, match="width"):
         tasks.MLPFamily("wine", width=(8, 4))
+
+
+def test_char_lm_corpus_is_a_package_resource():
+    from importlib import resources
+
+    from pyoptk.tasks import text
+
+    path = resources.files("pyoptk.tasks").joinpath(text.TEXT_RESOURCE)
+    assert path.is_file()
+    raw = text.read_text()
+    assert len(raw) > 20_000 and raw.isascii() and "Four score and seven years ago" in raw
+    corpus = text.load_corpus()
+    assert corpus.vocab == "".join(sorted(set(raw)))
+    sizes = {s: corpus.tokens[s].numel() for s in ("train", "valid", "test")}
+    assert sum(sizes.values()) == len(raw)
+    assert 0.75 < sizes["train"] / len(raw) < 0.85 and sizes["valid"] > 3000
+    assert corpus.decode(corpus.tokens["train"][:512]) == raw[:512]
+    assert corpus.decode(corpus.tokens["valid"][:512]) == raw[8 * 512:9 * 512]
+    assert corpus.decode(corpus.tokens["test"][:512]) == raw[9 * 512:10 * 512]
+
+
+def test_char_lm_batches_are_windows_of_the_split():
+    from pyoptk.tasks.text import load_corpus
+
+    t = CharLMTask(0, arch="mlp", context=3, seq_len=16, batch_size=4)
+    b = t.batch(0, "valid")
+    assert b.shape == (4, 19) and b.dtype == torch.int64
+    valid = load_corpus().decode(load_corpus().tokens["valid"])
+    for row in b:
+        assert load_corpus().decode(row) in valid
+    logits = t.logits(t.init_params(), b)
+    assert logits.shape == (4, 16, len(load_corpus().vocab))
+
+
+def test_gru_matches_torch_gru():
+    t = CharLMTask(0, arch="gru", embed=8, hidden=12, context=1, seq_len=10, batch_size=3)
+    p = t.init_params(dtype=torch.float64)
+    gru = torch.nn.GRU(8, 12, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(gru, f"{name}_l0").copy_(p[f"gru.{name}"])
+        p["gru.bias_hh"] += 0.1            # nonzero biases exercise the gate layout
+        gru.bias_hh_l0 += 0.1
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    torch.testing.assert_close(t._gru(p, x), gru(x)[0])
+
+
+def test_cnn_shapes():
+    t = CNNTask("cnn_digits", 0, channels=(4, 8), batch_size=5)
+    p = t.init_params()
+    assert p["conv1.weight"].shape == (8, 4, 3, 3) and p["fc.weight"].shape == (10, 8 * 2 * 2)
+    assert t.logits(p, t.batch(0)[0]).shape == (5, 10)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"channels": ()}, "channels"), ({"channels": (4, 4, 4, 4)}, "channels"),
+    ({"channels": (0,)}, "channels"), ({"activation": "elu"}, "activation"),
+])
+def test_bad_cnn_hparams(kwargs, param):
+    with pytest.raises(ValueError, match=param):
+        CNNTask("cnn_digits", 0, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"arch": "lstm"}, "arch"), ({"embed": 0}, "embed"), ({"hidden": 2.5}, "hidden"),
+    ({"context": 0}, "context"), ({"arch": "gru", "context": 4}, "context"),
+    ({"seq_len": 0}, "seq_len"), ({"batch_size": -1}, "batch_size"),
+    ({"activation": "sigmoid"}, "activation"), ({"init_scale": -1.0}, "init_scale"),
+])
+def test_bad_char_lm_hparams(kwargs, param):
+    with pytest.raises(ValueError, match=param):
+        CharLMTask(0, **kwargs)
+
+
+def test_docs_example_runs():
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "tasks.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", doc.read_text(), re.S | re.M)
+    assert blocks
+    for code in blocks:
+        namespace = {}
+        exec(compile(code, str(doc), "exec"), namespace)
+        assert torch.isfinite(namespace["loss"]) and torch.isfinite(namespace["val"])
+
+
+def test_import_and_synthetic_tasks_need_no_sklearn():
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["sklearn"] = None                 # import raises ImportError
+        import pyoptk.tasks as tasks
+        for name in ("quadratic", "rosenbrock", "char_lm"):
+            t = tasks.get_family(name).sample(0)
+            assert float(t.loss(t.init_params(), t.batch(0))) > 0
+        try:
+            tasks.get_family("mlp_digits").sample(0)
+        except ImportError as e:
+            assert "pip install scikit-learn" in str(e), e
+            print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_params_batches_and_vmap(family):
+    dev = torch.device("cuda")
+    t = get_family(family).sample(0)
+    p = t.init_params(device=dev)
+    batch = t.batch(0, device=dev)
+    loss = t.loss(p, batch)
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    torch.testing.assert_close(loss.cpu(), t.loss(t.init_params(), t.batch(0)),
+                               rtol=1e-4, atol=1e-5)
+    assert t.eval_loss(p, "valid", device=dev).device.type == "cuda"
+    stacked = OrderedDict((k, torch.stack([v, v])) for k, v in p.items())
+    g = vmap(grad(t.loss), in_dims=(0, None))(stacked, batch)
+    assert all(torch.isfinite(v).all() and v.device.type == "cuda" for v in g.values())

@@ -20,7 +20,7 @@ from torch import Tensor
 from pyoptk.tasks.base import Task, generator
 from pyoptk.tasks.datasets import Dataset, load_dataset
 
-__all__ = ["ACTIVATIONS", "SupervisedTask", "fan_in_normal"]
+__all__ = ["ACTIVATIONS", "BATCH_SIZES", "SupervisedTask", "fan_in_normal"]
 
 #: Hidden activations a task may use (all elementwise, so they vmap).
 ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
