@@ -4,6 +4,7 @@
     pyoptk demo [--out DIR]     digits: torch AdamW vs pyoptk AdamW / LAMB / Lookahead
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
     pyoptk bench learned [...]  learned-optimizer step, memory and meta-gradient costs
+    pyoptk meta-train --config CFG [--resume] [--out DIR]   meta-train a learned optimizer
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ def _bench(argv: List[str]) -> int:
     return importlib.import_module(suites[argv[0]]).main(argv[1:])
 
 
-COMMANDS = {"info": _info, "demo": _demo, "bench": _bench}
+def _meta_train(argv: List[str]) -> int:
+    from pyoptk.meta.trainer import main
+
+    return main(argv)
+
+
+COMMANDS = {"info": _info, "demo": _demo, "bench": _bench, "meta-train": _meta_train}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

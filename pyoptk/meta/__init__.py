@@ -6,8 +6,16 @@ from pyoptk.meta.estimator import (
     Estimate, GradientEstimator, MetaLoss, Unroll, check_estimator_args, finish_estimate)
 from pyoptk.meta.tbptt import TruncatedBPTT, fresh_unroll
 
+# --- trainer (config, checkpoints, MetaTrainer) ---
+from pyoptk.meta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyoptk.meta.config import MetaTrainConfig
+from pyoptk.meta.trainer import MetaTrainer, MetaTrainResult, build_estimator
+
 __all__ = [
     # --- estimators ---
     "Estimate", "GradientEstimator", "MetaLoss", "Unroll", "check_estimator_args",
     "finish_estimate", "TruncatedBPTT", "fresh_unroll",
+    # --- trainer ---
+    "MetaTrainConfig", "MetaTrainer", "MetaTrainResult", "build_estimator",
+    "CheckpointError", "save_checkpoint", "load_checkpoint",
 ]

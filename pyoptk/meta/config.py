@@ -48,9 +48,12 @@ def _positive(v) -> bool:
 
 
 def _plain(v) -> bool:
-    """JSON-like scalars and lists of them (what a checkpoint can store safely)."""
+    """JSON-like values: scalars, lists and str-keyed mappings of them (what a
+    checkpoint can store safely)."""
     if isinstance(v, (list, tuple)):
         return all(_plain(x) for x in v)
+    if isinstance(v, Mapping):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
     return v is None or isinstance(v, (bool, int, float, str))
 
 
@@ -76,8 +79,8 @@ class EstimatorConfig:
         "kind": (lambda v: v in ESTIMATOR_KINDS, f"one of {list(ESTIMATOR_KINDS)}"),
         "truncation": (lambda v: v >= 1, "an int >= 1"),
         "horizon": (lambda v: v >= 1, "an int >= 1"),
-        "options": (lambda v: all(isinstance(k, str) and _plain(x) for k, x in v.items()),
-                    "a mapping of str to plain values (numbers, strings, bools, lists)"),
+        "options": (_plain, "a mapping of str to plain values (numbers, strings, bools, "
+                            "lists, mappings)"),
     }
 
 

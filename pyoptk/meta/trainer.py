@@ -56,12 +56,12 @@ import torch
 from torch import Tensor
 
 from pyoptk.learned.files import have_safetensors
-from pyoptk.learned.mlp import MLPRule, init_state, update
+from pyoptk.learned.mlp import MLPRule, MLPState, init_state, update
 from pyoptk.meta.checkpoint import (
     check_resumable, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
     set_rng_state)
 from pyoptk.meta.config import MetaTrainConfig
-from pyoptk.meta.estimator import GradientEstimator, Unroll
+from pyoptk.meta.estimator import GradientEstimator, MetaLoss, Unroll
 from pyoptk.tasks import TaskSampler, build_task, derive_seed
 from pyoptk.tasks.base import Task
 
@@ -74,18 +74,22 @@ GROWTH_INTERVAL = 100
 
 
 def build_estimator(config: MetaTrainConfig) -> GradientEstimator:
-    """The estimator ``config.estimator`` names, with its truncation, horizon and
-    options (``ValueError`` naming ``estimator.options`` when the estimator rejects
-    them)."""
+    """The estimator ``config.estimator`` names (tbptt: :class:`TruncatedBPTT`, es:
+    :class:`TruncatedES`, pes: :class:`PersistentES`), with its truncation, horizon and
+    options (``meta_loss`` given as a mapping of :class:`MetaLoss` fields);
+    ``ValueError`` naming ``estimator.options`` when the estimator rejects them."""
     ec = config.estimator
     if ec.kind == "tbptt":
         from pyoptk.meta.tbptt import TruncatedBPTT as cls
     elif ec.kind == "es":
-        from pyoptk.meta.es import ES as cls
+        from pyoptk.meta.es import TruncatedES as cls
     else:
-        from pyoptk.meta.es import PES as cls
+        from pyoptk.meta.es import PersistentES as cls
+    options = dict(ec.options)
     try:
-        return cls(config.rule, ec.truncation, ec.horizon, **ec.options)
+        if "meta_loss" in options:  # a mapping of MetaLoss fields
+            options["meta_loss"] = MetaLoss(**options["meta_loss"])
+        return cls(config.rule, ec.truncation, ec.horizon, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"estimator.options: {cls.__name__} rejected {ec.options}: {exc}"
                          ) from None
@@ -476,8 +480,8 @@ class MetaTrainer:
             raise ValueError(f"{path}: holds {len(rows)} micro-batches of unrolls, the "
                              f"config {self.config.grad_accum} of {self.config.n_unrolls}")
         for j in self._local:
-            self.unrolls[j] = [self._rewrap(Unroll.from_state_dict(d, device=self.device))
-                               for d in rows[j]]
+            self.unrolls[j] = [self._rewrap(_to_device(Unroll.from_state_dict(d),
+                                                       self.device)) for d in rows[j]]
         rngs = blob["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.resumed_from = path
@@ -571,6 +575,18 @@ class MetaTrainer:
         return path
 
 
+def _to_device(u: Unroll, device: torch.device) -> Unroll:
+    """``u`` with its tensors (loaded on CPU) on ``device``."""
+    if device.type == "cpu":
+        return u
+    move = lambda x: x.to(device) if isinstance(x, Tensor) else x  # noqa: E731
+    u.params = OrderedDict((k, move(v)) for k, v in u.params.items())
+    if isinstance(u.state, MLPState):
+        u.state = MLPState(*[[move(t) for t in lst] for lst in u.state])
+    u.extra = {k: move(v) for k, v in u.extra.items()}
+    return u
+
+
 def _need(module: str, option: str) -> None:
     import importlib.util
 
@@ -578,3 +594,54 @@ def _need(module: str, option: str) -> None:
         raise ImportError(f"{option}=true needs the {module} package (pip install {module}, "
                           f"or pip install 'pyoptk[meta]'); set {option}: false to run "
                           "without it")
+
+
+# ---- the command ------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    """``pyoptk meta-train --config CFG [--resume] [--out DIR]``: run (or resume) the
+    config's meta-training. Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process
+    group first: NCCL for ``device: cuda``, gloo for ``device: cpu``."""
+    import argparse
+    import dataclasses
+
+    ap = argparse.ArgumentParser(prog="pyoptk meta-train",
+                                 description="Meta-train a learned optimizer from a config.")
+    ap.add_argument("--config", required=True, help="YAML (or JSON) MetaTrainConfig")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint in checkpoint.dir when there is one")
+    ap.add_argument("--out", help="write checkpoints to OUT/checkpoints and logs to "
+                                  "OUT/logs (overrides checkpoint.dir and log.dir)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = MetaTrainConfig.from_yaml(args.config)
+        if args.out:
+            cfg = dataclasses.replace(
+                cfg, checkpoint=dataclasses.replace(
+                    cfg.checkpoint, dir=os.path.join(args.out, "checkpoints")),
+                log=dataclasses.replace(cfg.log, dir=os.path.join(args.out, "logs")))
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"pyoptk meta-train: error: {exc}", file=sys.stderr)
+        return 2
+    dist = torch.distributed
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    try:
+        trainer = MetaTrainer(cfg, resume=args.resume)
+        if trainer.rank == 0 and trainer.resumed_from:
+            print(f"resumed from {trainer.resumed_from} at outer step {trainer.outer_step}")
+        result = trainer.fit()
+        if joined:
+            dist.barrier()  # no rank tears the group down while another still uses it
+    except ValueError as exc:  # a checkpoint that does not fit, a rejected option
+        print(f"pyoptk meta-train: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if joined:
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(f"outer step {result.outer_step}: meta-loss {result.meta_loss:.6g}, best "
+              f"validation {result.best_valid:.6g} (step {result.best_step})"
+              f"{', stopped early' if result.stopped_early else ''}; skipped "
+              f"{result.skipped_steps}; checkpoint {result.checkpoint}")
+    return 0
