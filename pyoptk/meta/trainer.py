@@ -434,8 +434,12 @@ class MetaTrainer:
     def save(self) -> Optional[str]:
         """Write ``checkpoint.dir/last.pt`` (rank 0; every rank takes part in gathering
         the unrolls); returns its path on rank 0."""
-        local = [[u.state_dict() for u in self.unrolls[j]] for j in self._local]
-        parts = self._all_gather_objects({"unrolls": local, "rng": rng_state()})
+        local = {"unrolls": [[u.state_dict() for u in self.unrolls[j]] for j in self._local],
+                 "rng": rng_state()}
+        parts: List[Any] = [_to_cpu(local)]
+        if self.distributed:
+            parts = [None] * self.world if self.rank == 0 else None
+            torch.distributed.gather_object(_to_cpu(local), parts, dst=0)
         self._saved_step = self.outer_step
         if self.rank != 0:
             return None
@@ -573,6 +577,18 @@ class MetaTrainer:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fig.savefig(path, dpi=100)
         return path
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` (nested dicts/lists/tuples) with its tensors on the CPU, so they can be
+    gathered from other ranks' devices and saved."""
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _to_device(u: Unroll, device: torch.device) -> Unroll:
