@@ -1,6 +1,8 @@
 """Outer-loop gradient estimators (pyoptk.meta): TBPTT against central finite
-differences in float64, clipping, the NaN policy, checkpoint round-trips, determinism,
-and that truncation really detaches (no growth over 1,000 outer iterations)."""
+differences in float64, ES/PES unbiasedness (statistical, fixed seeds) and their
+batching against a loop over particles, clipping, the NaN policy, checkpoint
+round-trips, determinism, and that truncation really detaches (no growth over 1,000
+outer iterations)."""
 
 import gc
 import io
@@ -11,11 +13,22 @@ import torch
 
 from pyoptk.learned import MLPConfig, init_meta_params
 from pyoptk.learned.mlp import update
-from pyoptk.meta import MetaLoss, TruncatedBPTT, Unroll
+from pyoptk.meta import MetaLoss, PersistentES, TruncatedBPTT, TruncatedES, Unroll
+from pyoptk.meta.es import PES_ACCUM
 from pyoptk.tasks import QuadraticFamily, QuadraticTask
 
 CFG = MLPConfig()
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Every problem here is tiny (≤ 4k elements): a second intra-op thread only adds
+    # synchronization, which on a loaded machine costs several times the work itself.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def meta64(seed=0):
@@ -207,6 +220,152 @@ def test_tbptt_unroll_state_dict_roundtrip_is_bit_exact():
 
 
 # ----------------------------------------------------------------------------------
+# ES / PES.
+# ----------------------------------------------------------------------------------
+def flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads.values()])
+
+
+def whole_unroll_estimate(est, task, meta, run):
+    """ES/PES over one whole unroll (horizon/truncation estimates, seeds from ``run``),
+    rescaled to the gradient of the mean loss of θ_1 … θ_H: each estimate is of a
+    *mean* over its T steps, so the sum over truncations is scaled by T/H."""
+    u, total, k = est.init_unroll(task, meta, seed=0), 0.0, 0
+    while not u.done(est.horizon):
+        e, (u,) = est.estimate(meta, [u], seed=1000 * run + k)
+        assert e.finite
+        total, k = total + flat(e.grads), k + 1
+    return total * (est.truncation / est.horizon)
+
+
+@pytest.mark.parametrize("cls, truncation", [(TruncatedES, 4), (PersistentES, 2)],
+                         ids=["es_full_horizon", "pes_two_truncations"])
+def test_es_and_pes_are_unbiased_on_a_quadratic(cls, truncation):
+    # The truth: the exact gradient of the mean loss of θ_1 … θ_4 (TBPTT over the whole
+    # horizon, second order: ES differentiates the true loss, Hessian terms included).
+    task, meta, horizon, lr = quad(), meta64(), 4, 30.0
+    exact = TruncatedBPTT(CFG, horizon, horizon, lr=lr, second_order=True)
+    truth = flat(exact.estimate(meta, [exact.init_unroll(task, meta, 0)], seed=0)[0].grads)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(truth.shape, generator=gen, dtype=F64)
+    dirs = {"along the gradient": truth / truth.norm(), "random": w / w.norm()}
+    # σ = 1e-3 in float64: the smoothing bias is O(σ²) relative (≈ 1e-6), far below the
+    # sampling error; the tolerance is 4 standard errors of the mean of 8 independent
+    # whole-unroll estimates (each over 200 antithetic pairs), so a correct estimator
+    # fails with probability ≈ 1e-4 — and the fixed seeds make the outcome fixed.
+    est = cls(CFG, truncation, horizon, sigma=1e-3, n_particles=200, lr=lr)
+    samples = torch.stack([whole_unroll_estimate(est, task, meta, run) for run in range(8)])
+    for name, d in dirs.items():
+        proj = samples @ d
+        mean, se = float(proj.mean()), float(proj.std() / len(proj) ** 0.5)
+        want = float(truth @ d)
+        assert abs(mean - want) < 4 * se, (name, mean, want, se)
+        assert se < 0.05 * float(truth.norm()), (name, se)  # the test has power
+
+
+def test_truncation_bias_is_what_pes_removes():
+    # Truncated ES with T=2 over H=4 estimates the sum of the truncations' *greedy*
+    # gradients (each ignoring its effect on the state the next starts from) — the
+    # TBPTT(T=2) gradient — not the gradient of the whole unroll, which PES matches.
+    task, meta, lr = quad(), meta64(), 30.0
+    exact = TruncatedBPTT(CFG, 4, 4, lr=lr, second_order=True)
+    truth = flat(exact.estimate(meta, [exact.init_unroll(task, meta, 0)], seed=0)[0].grads)
+    greedy_est = TruncatedBPTT(CFG, 2, 4, lr=lr, second_order=True)
+    greedy = whole_unroll_estimate(greedy_est, task, meta, 0)
+    es = TruncatedES(CFG, 2, 4, sigma=1e-3, n_particles=200, lr=lr)
+    samples = torch.stack([whole_unroll_estimate(es, task, meta, run) for run in range(8)])
+    d = (truth - greedy) / (truth - greedy).norm()  # the direction the bias lies in
+    proj = samples @ d
+    mean, se = float(proj.mean()), float(proj.std() / len(proj) ** 0.5)
+    assert abs(mean - float(greedy @ d)) < 4 * se
+    assert float((truth - greedy) @ d) > 8 * se  # the bias is resolved, not noise
+
+
+def loop_pes_truncation(est, u, meta, eps):
+    """One PES truncation, particle by particle (no vmap): the particles' meta-losses."""
+    names, n = list(u.params), est.n_particles
+    losses = []
+    for j in range(2 * n):
+        sign = 1.0 if j < n else -1.0
+        mp = OrderedDict((k, v + sign * eps[k][j % n]) for k, v in meta.items())
+        params = [p[j] for p in u.params.values()]
+        state = type(u.state)(*[[t[j] for t in lst] for lst in u.state])
+        terms = []
+        for t in range(est.truncation):
+            x = [p.detach().requires_grad_() for p in params]
+            g = torch.autograd.grad(u.task.loss(OrderedDict(zip(names, x)),
+                                                u.task.batch(u.step + t)), x)
+            params, state = update(params, list(g), state, mp, CFG, lr=est.lr, fused=False)
+            terms.append(u.task.loss(OrderedDict(zip(names, params)), u.task.batch(u.step + t + 1)))
+        losses.append(torch.stack(terms).mean())
+    return torch.stack(losses).detach()
+
+
+def test_pes_vmapped_particles_match_a_loop_and_accumulate():
+    task, meta = quad(noise=0.2), meta64()
+    est = PersistentES(CFG, 2, 8, sigma=0.05, n_particles=3, lr=30.0)
+    u = est.init_unroll(task, meta, seed=0)
+    e, (u1,) = est.estimate(meta, [u], seed=5)
+    eps0 = est.draw(meta, 5, 0)
+    for k in meta:  # ξ after one truncation is its perturbation
+        torch.testing.assert_close(u1.extra[PES_ACCUM + k], eps0[k], rtol=0, atol=0)
+    assert not torch.equal(u1.params["x"][0], u1.params["x"][3])  # particles diverged
+    eps1 = est.draw(meta, 6, 0)
+    want = loop_pes_truncation(est, u1, meta, eps1)
+    xi = OrderedDict((k, eps0[k] + eps1[k]) for k in meta)
+    e2, (u2,) = est.estimate(meta, [u1], seed=6)
+    diff = want[:3] - want[3:]
+    for k in meta:
+        g = torch.tensordot(diff, xi[k], dims=1) / (2 * 0.05 ** 2 * 3)
+        torch.testing.assert_close(e2.grads[k], g, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(u2.extra[PES_ACCUM + k], xi[k])
+    assert e2.meta_loss == pytest.approx(float(want.mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("cls", [TruncatedES, PersistentES], ids=["es", "pes"])
+def test_es_deterministic_from_seed_and_roundtrip(cls):
+    meta = init_meta_params(CFG, 0)
+    fam = QuadraticFamily()
+    est = cls(CFG, 2, 20, sigma=0.01, n_particles=4, lr=10.0)
+    unrolls = [est.init_unroll(fam.sample(s), meta, s) for s in (0, 1)]
+    _, unrolls = est.estimate(meta, unrolls, seed=0)
+    a, _ = est.estimate(meta, unrolls, seed=1)
+    b, _ = est.estimate(meta, roundtrip(unrolls), seed=1)
+    assert_same_estimate(a, b)
+    c, _ = est.estimate(meta, unrolls, seed=2)
+    assert not torch.equal(flat(a.grads), flat(c.grads))
+
+
+@pytest.mark.parametrize("cls", [TruncatedES, PersistentES], ids=["es", "pes"])
+def test_es_nonfinite_resets_the_unroll(cls):
+    meta = meta64()
+    est = cls(CFG, 2, 10, sigma=0.01, n_particles=2, lr=30.0, max_grad_norm=1.0)
+    unrolls = [est.init_unroll(InfAfter(1, bad_step=3), meta, 0),
+               est.init_unroll(quad(2), meta, 0)]
+    e, unrolls = est.estimate(meta, unrolls, seed=0)
+    assert e.finite and e.metrics["grad_norm"] > 0
+    assert sum(float(g.square().sum()) for g in e.grads.values()) <= 1.0 + 1e-12  # clipped
+    e, new = est.estimate(meta, unrolls, seed=1)
+    assert not e.finite and e.metrics["n_nonfinite"] == 1.0
+    assert all(float(g.abs().sum()) == 0.0 for g in e.grads.values())
+    assert new[0].step == 0 and new[1].step == 4
+    assert all(float(v.abs().sum()) == 0.0 for v in new[0].extra.values())
+
+
+def test_es_bad_args():
+    with pytest.raises(ValueError, match="sigma"):
+        PersistentES(CFG, 2, 4, sigma=0.0)
+    with pytest.raises(ValueError, match="n_particles"):
+        TruncatedES(CFG, 2, 4, n_particles=0)
+    with pytest.raises(TypeError, match="config"):
+        PersistentES({}, 2, 4)
+    meta = init_meta_params(CFG, 0)
+    u = PersistentES(CFG, 2, 4, n_particles=2).init_unroll(quad(), meta, 0)
+    with pytest.raises(ValueError, match="particles"):
+        PersistentES(CFG, 2, 4, n_particles=3).estimate(meta, [u], seed=0)
+
+
+# ----------------------------------------------------------------------------------
 # Truncation detaches: nothing grows over 1,000 outer iterations.
 # ----------------------------------------------------------------------------------
 def live_tensors() -> int:
@@ -221,11 +380,13 @@ def rss_bytes() -> int:
 
 def run_outer_loop(est, meta, task, iters, check_at):
     """``iters`` estimates on one unroll (restarted when done); returns the live
-    tensor count and resident memory at each iteration in ``check_at``."""
-    u, seen = est.init_unroll(task, meta, 0), {}
+    tensor count and resident memory at each iteration in ``check_at``. A non-finite
+    estimate (a perturbed particle diverging) is allowed: its reset path must not leak
+    either."""
+    u, seen, n_finite = est.init_unroll(task, meta, 0), {}, 0
     for it in range(iters):
         e, (u,) = est.estimate(meta, [u], seed=it)
-        assert e.finite
+        n_finite += e.finite
         for t in (list(u.params.values()) + [t for lst in u.state for t in lst]
                   + list(u.extra.values())):
             assert t.grad_fn is None and not t.requires_grad
@@ -233,6 +394,7 @@ def run_outer_loop(est, meta, task, iters, check_at):
             u = est.init_unroll(task, meta, it)
         if it in check_at:
             seen[it] = (live_tensors(), rss_bytes())
+    assert n_finite > 0.9 * iters
     return seen
 
 
@@ -242,6 +404,15 @@ def test_tbptt_memory_does_not_grow_over_1000_outer_iterations():
     meta = init_meta_params(CFG, 0)
     est = TruncatedBPTT(CFG, 1, 50, lr=10.0)
     seen = run_outer_loop(est, meta, quad(dim=4096), 1000, {199, 999})
+    (n0, r0), (n1, r1) = seen[199], seen[999]
+    assert n1 <= n0, (n0, n1)
+    assert r1 - r0 < 32 << 20, f"resident memory grew by {(r1 - r0) / 2**20:.1f} MB"
+
+
+def test_pes_memory_does_not_grow_over_1000_outer_iterations():
+    meta = init_meta_params(CFG, 0)
+    est = PersistentES(CFG, 1, 50, sigma=0.01, n_particles=2, lr=1.0)
+    seen = run_outer_loop(est, meta, quad(dim=256), 1000, {199, 999})
     (n0, r0), (n1, r1) = seen[199], seen[999]
     assert n1 <= n0, (n0, n1)
     assert r1 - r0 < 32 << 20, f"resident memory grew by {(r1 - r0) / 2**20:.1f} MB"
