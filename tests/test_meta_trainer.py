@@ -98,6 +98,8 @@ def assert_same_run(a: MetaTrainer, b: MetaTrainer):
                 assert torch.equal(ua.params[k], ub.params[k])
             for la, lb in zip(ua.state, ub.state):
                 assert all(torch.equal(x, y) for x, y in zip(la, lb))
+            assert ua.extra.keys() == ub.extra.keys()
+            assert all(torch.equal(ua.extra[k], ub.extra[k]) for k in ua.extra)
 
 
 # ---- resume ------------------------------------------------------------------------
@@ -134,6 +136,19 @@ def test_resume_is_bit_exact(tmp_path):
     # A crash between save_checkpoint's two renames leaves only prev.pt: resume from it.
     os.replace(tmp_path / "b" / "ck" / "last.pt", tmp_path / "b" / "ck" / "prev.pt")
     assert MetaTrainer(make_config(tmp_path / "b"), resume=True).outer_step == 6
+
+
+@pytest.mark.parametrize("kind", ["es", "pes"])
+def test_resume_is_bit_exact_es_pes(tmp_path, kind):
+    over = {"estimator.kind": kind, "estimator.options": {"n_particles": 2, "sigma": 0.01}}
+    ref = MetaTrainer(make_config(tmp_path / "ref", outer_steps=5, **over))
+    ref.fit()
+    MetaTrainer(make_config(tmp_path / "a", outer_steps=3, **over)).fit()
+    resumed = MetaTrainer(make_config(tmp_path / "a", outer_steps=5, **over), resume=True)
+    resumed.fit()
+    assert_same_run(ref, resumed)
+    if kind == "pes":  # the PES accumulators (Unroll.extra) went through the checkpoint
+        assert all(u.extra for row in resumed.unrolls.values() for u in row)
 
 
 def test_sigkilled_run_resumes_bit_exact(tmp_path):
@@ -212,7 +227,7 @@ def test_mismatched_config_is_refused_naming_the_fields(tmp_path):
 
 
 # ---- config validation -------------------------------------------------------------
-@pytest.mark.parametrize("over, field", [
+BAD_CONFIGS = [
     ({"estimator.truncaton": 2}, "estimator.truncaton: unknown field"),
     ({"estimator.truncation": -1}, "estimator.truncation: expected an int >= 1"),
     ({"estimator.truncation": "2"}, "estimator.truncation: expected an int"),
@@ -228,7 +243,12 @@ def test_mismatched_config_is_refused_naming_the_fields(tmp_path):
     ({"validation.patience": -1}, "validation.patience: expected an int >= 0"),
     ({"log.tensorboard": "yes"}, "log.tensorboard: expected a bool"),
     ({"checkpoint": 3}, "checkpoint: expected a mapping"),
-], ids=lambda x: x if isinstance(x, str) else None)
+    ({"precision": "fp16", "estimator.kind": "es"}, "precision: 'fp16' needs estimator.kind"),
+]
+
+
+@pytest.mark.parametrize("over, field", BAD_CONFIGS,
+                         ids=[f"{next(iter(o))}={o[next(iter(o))]!r}" for o, _ in BAD_CONFIGS])
 def test_bad_config_names_the_field(tmp_path, over, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.").replace("(", r"\(")):
         make_config(tmp_path, **over)

@@ -230,6 +230,12 @@ class MetaTrainConfig:
         if self.estimator.horizon < self.estimator.truncation:
             raise ValueError(f"estimator.horizon: expected >= estimator.truncation "
                              f"({self.estimator.truncation}), got {self.estimator.horizon}")
+        if self.precision == "fp16" and self.estimator.kind != "tbptt":
+            raise ValueError(
+                f"precision: 'fp16' needs estimator.kind 'tbptt', got "
+                f"{self.estimator.kind!r} — ES/PES differentiate the task losses under "
+                "torch.func transforms, where the loss scaler's overflow check cannot "
+                "run; use 'bf16' (no loss scaling needed)")
         from pyoptk.tasks import family_names, split_families
 
         for name in ("train", "valid"):
