@@ -224,6 +224,8 @@ def test_mismatched_config_is_refused_naming_the_fields(tmp_path):
     assert "optimizer.lr" in msg and "outer_steps" not in msg
     with pytest.raises(CheckpointError, match="rule.hidden_sizes"):
         MetaTrainer(make_config(tmp_path, **{"rule.hidden_sizes": [4]}), resume=True)
+    with pytest.raises(ValueError, match=r"checkpoint\.dir: .* already holds a checkpoint"):
+        MetaTrainer(make_config(tmp_path))  # a fresh run would rotate it away
 
 
 # ---- config validation -------------------------------------------------------------
@@ -346,7 +348,8 @@ def test_logs_tensorboard_and_plot(tmp_path):
     acc = EventAccumulator(str(log))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"meta/meta_loss", "meta/grad_norm", "valid/loss", "meta/lr"} <= set(tags)
+    assert {"meta/meta_loss", "meta/grad_norm", "meta/finite_fraction", "valid/loss",
+            "valid/best", "estimator/inner_loss"} <= set(tags)
     assert [e.step for e in acc.Scalars("meta/meta_loss")] == [1, 2]
 
 

@@ -205,7 +205,11 @@ class MetaTrainer:
         config (MetaTrainConfig): the run.
         resume (bool, default False): continue from ``checkpoint.dir``'s checkpoint
             when there is one (its config must equal ``config`` except
-            :data:`pyoptk.meta.config.RESUMABLE_FIELDS`); a fresh run otherwise.
+            :data:`pyoptk.meta.config.RESUMABLE_FIELDS`); a fresh run otherwise. A
+            fresh run (``resume=False``) refuses a ``checkpoint.dir`` that already holds
+            a checkpoint, which its first save would rotate away. A fresh run seeds the
+            global ``random`` and ``torch`` RNGs with ``config.seed``; a resumed one
+            restores them.
         estimator (GradientEstimator, optional): use this estimator instead of the one
             ``config.estimator`` builds; its truncation and horizon must be the
             config's.
@@ -236,6 +240,8 @@ class MetaTrainer:
         self.device = self._pick_device()
         self.progress = (self.rank == 0 and sys.stderr.isatty()) if progress is None \
             else (progress and self.rank == 0)
+        if self.progress:
+            _need("tqdm", "progress")
         if self.rank == 0 and cfg.log.tensorboard:
             _need("tensorboard", "log.tensorboard")
         if self.rank == 0 and cfg.log.plot:
@@ -268,7 +274,12 @@ class MetaTrainer:
         self.unrolls: Dict[int, List[Unroll]] = {}
         self.resumed_from: Optional[str] = None
         self._saved_step = -1
-        path = find_checkpoint(cfg.checkpoint.dir) if resume else None
+        path = find_checkpoint(cfg.checkpoint.dir)
+        if path is not None and not resume:
+            # A fresh run would rotate that run's checkpoints away at its first save.
+            raise ValueError(f"checkpoint.dir: {cfg.checkpoint.dir} already holds a "
+                             f"checkpoint ({path}); resume it (resume=True, --resume) or "
+                             "choose another checkpoint.dir")
         if path is not None:
             self._restore(path)
         else:
@@ -298,8 +309,10 @@ class MetaTrainer:
             for i, need in enumerate(row):
                 if not need:
                     continue
+                # Every rank advances the sampler for every slot, its own or not, so
+                # all agree on each slot's task index.
                 index = self.sampler.count
-                self.sampler.count += 1  # the task of each slot is a function of its index
+                self.sampler.count += 1
                 if j not in self._local:
                     continue
                 task = self._wrap(build_task(self.sampler.spec(index)))
@@ -518,8 +531,6 @@ class MetaTrainer:
                     for k, v in scalars.items():
                         tag = k if "/" in k else f"meta/{k}"
                         writer.add_scalar(tag, v, self.outer_step)
-                    writer.add_scalar("meta/lr", self.meta_optimizer.param_groups[0]["lr"],
-                                      self.outer_step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(meta_loss=f"{last['meta_loss']:.4g}",
