@@ -6,6 +6,7 @@
     pyoptk compare [...]        one task, several optimizers, one loss-curve plot
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
     pyoptk bench learned [...]  learned-optimizer step, memory and meta-gradient costs
+    pyoptk meta-train --config CFG [--resume] [--out DIR]   meta-train a learned optimizer
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ def _compare(argv: List[str]) -> int:
     return main(argv, compare=True)
 
 
-COMMANDS = {"info": _info, "demo": _demo, "eval": _eval, "compare": _compare, "bench": _bench}
+def _meta_train(argv: List[str]) -> int:
+    from pyoptk.meta.trainer import main
+
+    return main(argv)
+
+
+COMMANDS = {"info": _info, "demo": _demo, "eval": _eval, "compare": _compare,
+            "meta-train": _meta_train, "bench": _bench}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
