@@ -41,7 +41,7 @@ class MatmulTask(Quad8Task):
     family = "matmul8"
 
     def loss(self, params, batch):
-        x = params["x"] - batch.to(params["x"].dtype)
+        x = params["x"] - batch.to(dtype=params["x"].dtype, device=params["x"].device)
         w = torch.full((8, 8), 16.0, dtype=x.dtype, device=x.device)
         return ((x @ w) * 1e-3).square().sum()
 
@@ -351,6 +351,20 @@ def test_logs_tensorboard_and_plot(tmp_path):
     assert {"meta/meta_loss", "meta/grad_norm", "meta/finite_fraction", "valid/loss",
             "valid/best", "estimator/inner_loss"} <= set(tags)
     assert [e.step for e in acc.Scalars("meta/meta_loss")] == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_resume_is_bit_exact(tmp_path, precision):
+    over = {"device": "cuda", "precision": precision, "tasks.train": ["matmul8"]}
+    ref = MetaTrainer(make_config(tmp_path / "ref", outer_steps=4, **over))
+    ref.fit()
+    assert all(p.is_cuda and torch.isfinite(p).all() for p in ref.rule.parameters())
+    MetaTrainer(make_config(tmp_path / "a", outer_steps=2, **over)).fit()
+    resumed = MetaTrainer(make_config(tmp_path / "a", outer_steps=4, **over), resume=True)
+    assert all(u.params["x"].is_cuda for row in resumed.unrolls.values() for u in row)
+    resumed.fit()
+    assert_same_run(ref, resumed)
 
 
 # ---- distributed -------------------------------------------------------------------

@@ -383,7 +383,7 @@ class MetaTrainer:
             self.meta_optimizer.step()
             self.meta_optimizer.zero_grad(set_to_none=True)
             out["meta_loss"] = loss_sum / n_ok
-            out["grad_norm"] = float(mean.norm())
+            out["grad_norm"] = float(mean.double().norm())  # float64: tiny gradients
         else:
             self.skipped_steps += 1
             out["meta_loss"] = math.nan
