@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from pyoptk.cli import main as cli_main
 from pyoptk.meta.checkpoint import CheckpointError, load_checkpoint
+from pyoptk.meta import TruncatedBPTT
 from pyoptk.meta.config import MetaTrainConfig
 from pyoptk.meta.trainer import GROWTH_INTERVAL, INIT_LOSS_SCALE, MetaTrainer
 from pyoptk.optim.mlp import MLPOptimizer
@@ -270,9 +271,14 @@ def test_config_files_yaml_and_json(tmp_path):
     assert MetaTrainConfig.from_yaml(shipped).device == "cpu"
 
 
-def test_estimator_options_rejected_by_the_estimator(tmp_path):
+def test_estimator_options_and_custom_estimator(tmp_path):
     with pytest.raises(ValueError, match=r"estimator\.options: TruncatedBPTT rejected"):
         MetaTrainer(make_config(tmp_path, **{"estimator.options": {"max_grad_norm": -1.0}}))
+    cfg = make_config(tmp_path, outer_steps=1)
+    with pytest.raises(ValueError, match="truncation/horizon 4/8 differ"):
+        MetaTrainer(cfg, estimator=TruncatedBPTT(cfg.rule, 4, 8))
+    trainer = MetaTrainer(cfg, estimator=TruncatedBPTT(cfg.rule, 2, 8, second_order=True))
+    assert trainer.fit().skipped_steps == 0 and trainer.estimator.second_order
 
 
 # ---- training behaviour ------------------------------------------------------------

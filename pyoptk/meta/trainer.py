@@ -579,6 +579,7 @@ class MetaTrainer:
         ax.plot(h["step"], h["meta_loss"], label="meta-loss (train tasks)")
         if h["valid_step"]:
             ax.plot(h["valid_step"], h["valid_loss"], "o-", label="validation loss")
+        ax.set_title(f"meta-training ({self.config.estimator.kind}, seed {self.config.seed})")
         ax.set_xlabel("outer step")
         ax.set_ylabel("loss")
         if all(v > 0 for v in h["meta_loss"] + h["valid_loss"] if math.isfinite(v)):
