@@ -82,7 +82,8 @@ def test_tbptt_matches_central_finite_differences(second_order):
     gen = torch.Generator().manual_seed(0)
     h = 1e-6
     for _ in range(3):  # random directions v: <grad, v> vs (f(φ+hv) - f(φ-hv)) / 2h
-        v = OrderedDict((k, torch.randn(t.shape, generator=gen, dtype=F64)) for k, t in meta.items())
+        v = OrderedDict((k, torch.randn(t.shape, generator=gen, dtype=F64))
+                        for k, t in meta.items())
         plus = OrderedDict((k, meta[k] + h * v[k]) for k in meta)
         minus = OrderedDict((k, meta[k] - h * v[k]) for k in meta)
         fd = (replay_meta_loss(task, u, plus, steps, lr, fixed)[0]
