@@ -339,6 +339,9 @@ def test_bf16_autocasts_the_task_losses(tmp_path):
     bf16.fit()
     assert bf16.scaler is None and all(p.dtype == torch.float32 for p in bf16.rule.parameters())
     assert all(torch.isfinite(p).all() for p in bf16.rule.parameters())
+    u = bf16.unrolls[0][0]  # the wrapped task: the task's attributes, fp32 losses
+    assert u.task.spec.family == "matmul8" and u.task.param_count == 8
+    assert u.task.eval_loss(u.params).dtype == torch.float32
     # x @ W ran in bfloat16: the meta-losses differ from fp32 at bf16 precision.
     a, b = ref.history["meta_loss"], bf16.history["meta_loss"]
     assert a != b and all(abs(x - y) <= 2e-2 * abs(x) for x, y in zip(a, b))
