@@ -347,11 +347,13 @@ def test_bf16_autocasts_the_task_losses(tmp_path):
     assert a != b and all(abs(x - y) <= 2e-2 * abs(x) for x, y in zip(a, b))
 
 
-def test_logs_tensorboard_and_plot(tmp_path):
+def test_logs_tensorboard_plot_and_progress(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = make_config(tmp_path, outer_steps=2, **{"log.tensorboard": True, "log.plot": True})
-    MetaTrainer(cfg).fit()
+    MetaTrainer(cfg, progress=True).fit()
+    bar = capsys.readouterr().err  # tqdm's bar
+    assert "meta-train" in bar and "2/2" in bar
     log = tmp_path / "log"
     assert (log / "loss_curve.png").stat().st_size > 0
     acc = EventAccumulator(str(log))
