@@ -31,7 +31,8 @@ def _demo(argv: List[str]) -> int:
 
 
 def _bench(argv: List[str]) -> int:
-    suites = {"optim": "pyoptk.bench.optim", "learned": "pyoptk.bench.learned"}
+    suites = {"optim": "pyoptk.bench.optim", "learned": "pyoptk.bench.learned",
+              "meta": "pyoptk.bench.meta"}
     if not argv or argv[0] not in suites:
         print(f"usage: pyoptk bench {{{','.join(suites)}}} [options]", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from pyoptk.cli import main as cli_main
 from pyoptk.meta.checkpoint import CheckpointError, load_checkpoint
+from pyoptk.meta import TruncatedBPTT
 from pyoptk.meta.config import MetaTrainConfig
 from pyoptk.meta.trainer import GROWTH_INTERVAL, INIT_LOSS_SCALE, MetaTrainer
 from pyoptk.optim.mlp import MLPOptimizer
@@ -41,7 +42,7 @@ class MatmulTask(Quad8Task):
     family = "matmul8"
 
     def loss(self, params, batch):
-        x = params["x"] - batch.to(params["x"].dtype)
+        x = params["x"] - batch.to(dtype=params["x"].dtype, device=params["x"].device)
         w = torch.full((8, 8), 16.0, dtype=x.dtype, device=x.device)
         return ((x @ w) * 1e-3).square().sum()
 
@@ -270,9 +271,14 @@ def test_config_files_yaml_and_json(tmp_path):
     assert MetaTrainConfig.from_yaml(shipped).device == "cpu"
 
 
-def test_estimator_options_rejected_by_the_estimator(tmp_path):
+def test_estimator_options_and_custom_estimator(tmp_path):
     with pytest.raises(ValueError, match=r"estimator\.options: TruncatedBPTT rejected"):
         MetaTrainer(make_config(tmp_path, **{"estimator.options": {"max_grad_norm": -1.0}}))
+    cfg = make_config(tmp_path, outer_steps=1)
+    with pytest.raises(ValueError, match="truncation/horizon 4/8 differ"):
+        MetaTrainer(cfg, estimator=TruncatedBPTT(cfg.rule, 4, 8))
+    trainer = MetaTrainer(cfg, estimator=TruncatedBPTT(cfg.rule, 2, 8, second_order=True))
+    assert trainer.fit().skipped_steps == 0 and trainer.estimator.second_order
 
 
 # ---- training behaviour ------------------------------------------------------------
@@ -333,16 +339,21 @@ def test_bf16_autocasts_the_task_losses(tmp_path):
     bf16.fit()
     assert bf16.scaler is None and all(p.dtype == torch.float32 for p in bf16.rule.parameters())
     assert all(torch.isfinite(p).all() for p in bf16.rule.parameters())
+    u = bf16.unrolls[0][0]  # the wrapped task: the task's attributes, fp32 losses
+    assert u.task.spec.family == "matmul8" and u.task.param_count == 8
+    assert u.task.eval_loss(u.params).dtype == torch.float32
     # x @ W ran in bfloat16: the meta-losses differ from fp32 at bf16 precision.
     a, b = ref.history["meta_loss"], bf16.history["meta_loss"]
     assert a != b and all(abs(x - y) <= 2e-2 * abs(x) for x, y in zip(a, b))
 
 
-def test_logs_tensorboard_and_plot(tmp_path):
+def test_logs_tensorboard_plot_and_progress(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = make_config(tmp_path, outer_steps=2, **{"log.tensorboard": True, "log.plot": True})
-    MetaTrainer(cfg).fit()
+    MetaTrainer(cfg, progress=True).fit()
+    bar = capsys.readouterr().err  # tqdm's bar
+    assert "meta-train" in bar and "2/2" in bar
     log = tmp_path / "log"
     assert (log / "loss_curve.png").stat().st_size > 0
     acc = EventAccumulator(str(log))
@@ -351,6 +362,20 @@ def test_logs_tensorboard_and_plot(tmp_path):
     assert {"meta/meta_loss", "meta/grad_norm", "meta/finite_fraction", "valid/loss",
             "valid/best", "estimator/inner_loss"} <= set(tags)
     assert [e.step for e in acc.Scalars("meta/meta_loss")] == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_resume_is_bit_exact(tmp_path, precision):
+    over = {"device": "cuda", "precision": precision, "tasks.train": ["matmul8"]}
+    ref = MetaTrainer(make_config(tmp_path / "ref", outer_steps=4, **over))
+    ref.fit()
+    assert all(p.is_cuda and torch.isfinite(p).all() for p in ref.rule.parameters())
+    MetaTrainer(make_config(tmp_path / "a", outer_steps=2, **over)).fit()
+    resumed = MetaTrainer(make_config(tmp_path / "a", outer_steps=4, **over), resume=True)
+    assert all(u.params["x"].is_cuda for row in resumed.unrolls.values() for u in row)
+    resumed.fit()
+    assert_same_run(ref, resumed)
 
 
 # ---- distributed -------------------------------------------------------------------

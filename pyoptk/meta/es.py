@@ -225,8 +225,9 @@ class TruncatedES(_AntitheticES):
     def _finish(self, u, eps, losses, params, state):
         grads = self._antithetic(eps, losses)
         center = MLPState(*[[t[-1].clone() for t in lst] for lst in state])
-        new = Unroll(task=u.task, params=OrderedDict(zip(u.params, (p[-1].clone() for p in params))),
-                     state=center, step=u.step + min(self.truncation, self.horizon - u.step),
+        center_params = OrderedDict(zip(u.params, (p[-1].clone() for p in params)))
+        new = Unroll(task=u.task, params=center_params, state=center,
+                     step=u.step + min(self.truncation, self.horizon - u.step),
                      extra=dict(u.extra))
         return grads, float(losses[-1]), new
 
@@ -258,8 +259,9 @@ class PersistentES(_AntitheticES):
         return u
 
     def _start(self, u, n_total):
-        if any(p.shape[0] != n_total for p in u.params.values()):
-            raise ValueError(f"PersistentES: the unroll holds {next(iter(u.params.values())).shape[0]} "
+        held = {p.shape[0] for p in u.params.values()}
+        if held != {n_total}:
+            raise ValueError(f"PersistentES: the unroll holds {sorted(held)} "
                              f"particles, this estimator runs {n_total} (2·n_particles); "
                              f"create it with this estimator's init_unroll")
         return list(u.params.values()), MLPState(*[list(lst) for lst in u.state])

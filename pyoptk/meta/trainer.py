@@ -113,13 +113,21 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class _AmpTask(Task):
-    """``task`` with its loss under ``torch.autocast(dtype)``, returned in float32; with
-    a loss scaler (fp16), the region's backward runs on cotangents scaled by ``S``."""
+    """``task`` with its losses (:meth:`loss`, :meth:`eval_loss`) under
+    ``torch.autocast(dtype)``, returned in float32; with a loss scaler (fp16), the
+    region's backward runs on cotangents scaled by ``S``. Everything else is the
+    wrapped task's (attributes are looked up on it)."""
 
     def __init__(self, task: Task, dtype: torch.dtype, scaler: Optional["_LossScaler"]):
         self.task, self.dtype, self.scaler = task, dtype, scaler
         self.family, self.seed, self.hparams = task.family, task.seed, task.hparams
         self.eval_batches = task.eval_batches
+
+    def __getattr__(self, name: str) -> Any:  # only called for names not found here
+        task = self.__dict__.get("task")
+        if task is None:  # e.g. during copy/unpickling, before __init__'s attributes
+            raise AttributeError(name)
+        return getattr(task, name)
 
     def init_params(self, seed=None, *, dtype=torch.float32, device=None):
         return self.task.init_params(seed, dtype=dtype, device=device)
@@ -128,13 +136,20 @@ class _AmpTask(Task):
         return self.task.batch(step, split, device=device)
 
     def loss(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
+        return self._region(lambda ps: self.task.loss(ps, batch), params)
+
+    def eval_loss(self, params: Mapping[str, Tensor], split: str = "valid", *,
+                  device: Optional[torch.device] = None) -> Tensor:
+        return self._region(lambda ps: self.task.eval_loss(ps, split, device=device), params)
+
+    def _region(self, fn, params: Mapping[str, Tensor]) -> Tensor:
         s = self.scaler
         if s is not None:
             params = OrderedDict((k, _ScaleGrad.apply(v, 1.0 / s.scale, s.found_inf))
                                  for k, v in params.items())
         device = next(iter(params.values())).device.type
         with torch.autocast(device, dtype=self.dtype):
-            out = self.task.loss(params, batch)
+            out = fn(params)
         out = out.float()
         return out if s is None else _ScaleGrad.apply(out, s.scale, None)
 
@@ -383,7 +398,7 @@ class MetaTrainer:
             self.meta_optimizer.step()
             self.meta_optimizer.zero_grad(set_to_none=True)
             out["meta_loss"] = loss_sum / n_ok
-            out["grad_norm"] = float(mean.norm())
+            out["grad_norm"] = float(mean.double().norm())  # float64: tiny gradients
         else:
             self.skipped_steps += 1
             out["meta_loss"] = math.nan
@@ -579,6 +594,7 @@ class MetaTrainer:
         ax.plot(h["step"], h["meta_loss"], label="meta-loss (train tasks)")
         if h["valid_step"]:
             ax.plot(h["valid_step"], h["valid_loss"], "o-", label="validation loss")
+        ax.set_title(f"meta-training ({self.config.estimator.kind}, seed {self.config.seed})")
         ax.set_xlabel("outer step")
         ax.set_ylabel("loss")
         if all(v > 0 for v in h["meta_loss"] + h["valid_loss"] if math.isfinite(v)):
