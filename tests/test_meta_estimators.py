@@ -111,6 +111,24 @@ def test_first_and_second_order_differ_and_fused_matches_reference():
     assert diff > 1e-6  # the Hessian term is there
 
 
+def test_tbptt_several_unrolls_average_the_single_estimates():
+    # Two tasks of different sizes, one near its horizon (a 1-step last truncation).
+    meta = meta64()
+    est = TruncatedBPTT(CFG, 3, 7, lr=30.0)
+    a = advanced(est, quad(0, dim=5), meta, truncations=2)  # step 6: one step left
+    b = advanced(est, quad(1, dim=9), meta, truncations=1)  # step 3
+    both, (a2, b2) = est.estimate(meta, [a, b], seed=0)
+    ea, (a1,) = est.estimate(meta, [a], seed=0)
+    eb, (b1,) = est.estimate(meta, [b], seed=0)
+    assert (a2.step, b2.step) == (7, 6)
+    for k in meta:
+        torch.testing.assert_close(both.grads[k], (ea.grads[k] + eb.grads[k]) / 2,
+                                   rtol=1e-10, atol=1e-14)
+    assert both.meta_loss == pytest.approx((ea.meta_loss + eb.meta_loss) / 2, rel=1e-12)
+    assert torch.equal(a2.params["x"], a1.params["x"])
+    assert torch.equal(b2.params["x"], b1.params["x"])
+
+
 def test_tbptt_clipping_keeps_direction():
     task, meta = quad(), meta64()
     free = TruncatedBPTT(CFG, 2, 8, lr=30.0)
