@@ -111,9 +111,8 @@ def test_first_and_second_order_differ_and_fused_matches_reference():
     assert diff > 1e-6  # the Hessian term is there
 
 
-def test_tbptt_unrolls_in_lockstep_equal_one_at_a_time():
-    # Two tasks of different sizes, one near its horizon (a 1-step last truncation):
-    # the one-update-per-step lockstep gives the mean of the single-unroll estimates.
+def test_tbptt_several_unrolls_average_the_single_estimates():
+    # Two tasks of different sizes, one near its horizon (a 1-step last truncation).
     meta = meta64()
     est = TruncatedBPTT(CFG, 3, 7, lr=30.0)
     a = advanced(est, quad(0, dim=5), meta, truncations=2)  # step 6: one step left

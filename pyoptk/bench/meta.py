@@ -41,6 +41,8 @@ from pyoptk.meta.es import PES_ACCUM
 from pyoptk.ops.mlp_update import mlp_update_one
 from pyoptk.tasks import MLPTask, QuadraticTask, Task
 
+# The seed of the timed estimates (the same every call: each repeats one truncation).
+TIMED_SEED = 1_000_003
 CSV_EXTRA = ["mode", "truncation", "unrolls", "particles", "inner_steps_per_s",
              "particle_steps_per_s", "peak_MB", "peak_method", "note"]
 
@@ -133,6 +135,18 @@ def plain_pes(est: PersistentES, u: Unroll, meta: Mapping[str, Tensor], seed: in
                                            dims=1) * scale) for k, v in meta.items())
 
 
+def _warm_start(est, meta: Mapping[str, Tensor], unrolls: List[Unroll]) -> List[Unroll]:
+    """Unrolls past their first truncation (non-zero rule state) whose next estimate is
+    finite: an unroll the untrained rule makes diverge is restarted by the estimator
+    (NaN policy) and tried again, so the timed estimate is not a degenerate one."""
+    for attempt in range(8):
+        _, unrolls = est.estimate(meta, unrolls, seed=attempt)
+        if est.estimate(meta, unrolls, seed=TIMED_SEED)[0].finite and all(u.step for u in unrolls):
+            return unrolls
+    raise RuntimeError(f"{type(est).__name__}: no finite estimate on this task after 8 "
+                       f"restarts")
+
+
 def _row(task_name: str, task: Task, mode: str, name: str, backend: str, **kw) -> dict:
     params = task.init_params()
     return {"layout": task_name, "optimizer": name, "backend": backend, "mode": mode,
@@ -167,12 +181,12 @@ def bench_tbptt(task_name: str, device: torch.device, truncation: int, n_unrolls
     meta = init_meta_params(config, 0, device=device)
     est = TruncatedBPTT(config, truncation, 10 * truncation)
     task = bench_tasks()[task_name]()
-    unrolls = [est.init_unroll(task, meta, seed=s) for s in range(n_unrolls)]
-    _, unrolls = est.estimate(meta, unrolls, seed=0)  # non-zero rule state
+    unrolls = _warm_start(est, meta, [est.init_unroll(task, meta, seed=s)
+                                      for s in range(n_unrolls)])
     kw = {"truncation": truncation, "unrolls": n_unrolls, "particles": ""}
     rows = [_row(task_name, task, "tbptt", "TruncatedBPTT", "fused", **kw),
             _row(task_name, task, "tbptt", "TBPTT", "plain", **kw)]
-    fns = {rows[0]["label"]: lambda: est.estimate(meta, unrolls, seed=1),
+    fns = {rows[0]["label"]: lambda: est.estimate(meta, unrolls, seed=TIMED_SEED),
            rows[1]["label"]: lambda: plain_tbptt(unrolls, meta, config, truncation, 1.0)}
     _measure(rows, fns, device, warmup, reps, truncation * n_unrolls, 0)
     return rows
@@ -185,13 +199,12 @@ def bench_pes(task_name: str, device: torch.device, truncation: int, n_particles
     est = PersistentES(config, truncation, 10 * truncation, sigma=0.01,
                        n_particles=n_particles)
     task = bench_tasks()[task_name]()
-    u = est.init_unroll(task, meta, seed=0)
-    _, (u,) = est.estimate(meta, [u], seed=0)
+    (u,) = _warm_start(est, meta, [est.init_unroll(task, meta, seed=0)])
     kw = {"truncation": truncation, "unrolls": 1, "particles": 2 * n_particles}
     rows = [_row(task_name, task, "pes", "PersistentES", "vmap", **kw),
             _row(task_name, task, "pes", "PES", "plain loop", **kw)]
-    fns = {rows[0]["label"]: lambda: est.estimate(meta, [u], seed=1),
-           rows[1]["label"]: lambda: plain_pes(est, u, meta, seed=1)}
+    fns = {rows[0]["label"]: lambda: est.estimate(meta, [u], seed=TIMED_SEED),
+           rows[1]["label"]: lambda: plain_pes(est, u, meta, seed=TIMED_SEED)}
     _measure(rows, fns, device, warmup, reps, truncation, 2 * n_particles)
     return rows
 

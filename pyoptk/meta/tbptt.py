@@ -63,17 +63,10 @@ class TruncatedBPTT(GradientEstimator):
             differentiable op when the inputs allow, False: autograd through the
             reference).
 
-    All unrolls step in lockstep, one :func:`update` call per inner step over all their
-    tensors (the fused op is multi-tensor; tasks may differ in shapes), and one backward
-    for the sum of their meta-losses.
-
     NaN policy: a non-finite meta-loss or meta-gradient of an unroll makes the whole
     estimate ``finite=False`` with zero gradients (see
     :func:`~pyoptk.meta.estimator.finish_estimate`), and that unroll is restarted from
-    step 0 of its task with a fresh initialization; the other unrolls advance. (A
-    non-finite gradient is traced to unrolls by backpropagating each finite meta-loss
-    alone; since the unrolls share each step's op call, a rare NaN born in the shared
-    backward can mark them all.)
+    step 0 of its task with a fresh initialization; the other unrolls advance.
     """
 
     def __init__(self, config: MLPConfig, truncation: int, horizon: int, *,
@@ -111,123 +104,74 @@ class TruncatedBPTT(GradientEstimator):
         check_meta_params(meta_params, self.config)
         if not unrolls:
             raise ValueError("TruncatedBPTT.estimate: unrolls must not be empty")
+        leaves = OrderedDict((k, v.detach().requires_grad_()) for k, v in meta_params.items())
+        grad_sum: Optional[List[Tensor]] = None
+        losses, inner, out = [], [], []
+        n_ok = n_bad = 0
         for i, u in enumerate(unrolls):
             if u.done(self.horizon):
                 raise ValueError(f"TruncatedBPTT.estimate: unroll {i} is done (step {u.step} "
                                  f">= horizon {self.horizon}); replace it with init_unroll")
-        leaves = OrderedDict((k, v.detach().requires_grad_()) for k, v in meta_params.items())
-        runs = self._truncations(unrolls, leaves)
-        finite = [bool(torch.isfinite(r.meta_loss)) for r in runs]
-        grad_sum: Optional[List[Tensor]] = None
-        if any(finite):
-            # One backward for all unrolls (the sum of their meta-losses). The graph is
-            # kept until we return so that a non-finite gradient can be traced to its
-            # unroll(s) below — that costs no memory: the graph is alive until then.
-            total = torch.stack([r.meta_loss for r, f in zip(runs, finite) if f]).sum()
-            grad_sum = self._grads(total, leaves, retain_graph=True)
-            if not all(bool(torch.isfinite(g).all()) for g in grad_sum):
-                for i, r in enumerate(runs):
-                    if finite[i]:
-                        g = self._grads(r.meta_loss, leaves, retain_graph=True)
-                        finite[i] = all(bool(torch.isfinite(x).all()) for x in g)
-                grad_sum = None
-        out, losses, inner = [], [], []
-        for i, (u, r, ok) in enumerate(zip(unrolls, runs, finite)):
-            if ok:
-                out.append(r.unroll)
-                losses.append(float(r.meta_loss.detach()))
-                inner.append(r.loss0)
-            else:
+            meta_loss, loss0, new = self._truncation(u, leaves)
+            grads = None
+            if torch.isfinite(meta_loss):
+                grads = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
+                grads = [torch.zeros_like(v) if g is None else g
+                         for g, v in zip(grads, leaves.values())]
+            if grads is None or not all(bool(torch.isfinite(g).all()) for g in grads):
+                n_bad += 1
                 out.append(self.init_unroll(u.task, meta_params, derive_seed(
                     "tbptt-reset", seed, i, u.task.seed)))
-        n_ok, n_bad = len(losses), len(unrolls) - len(losses)
+                continue
+            n_ok += 1
+            grad_sum = grads if grad_sum is None else [a + b for a, b in zip(grad_sum, grads)]
+            losses.append(float(meta_loss.detach()))
+            inner.append(loss0)
+            out.append(new)
         metrics = {"inner_loss": sum(inner) / len(inner) if inner else float("nan")}
         est = finish_estimate(meta_params, grad_sum, n_ok, losses, n_bad, self.max_grad_norm,
                               metrics)
         return est, out
 
-    @staticmethod
-    def _grads(loss: Tensor, leaves: Mapping[str, Tensor], retain_graph: bool) -> List[Tensor]:
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
-                                    retain_graph=retain_graph)
-        return [torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves.values())]
-
-    def _truncations(self, unrolls: List[Unroll], meta: Mapping[str, Tensor]) -> List["_Run"]:
-        """Every unroll through its truncation, in lockstep: per inner step, each task's
-        loss and gradient, then **one** :func:`update` over the tensors of all unrolls
-        still stepping (the fused op is multi-tensor, and its fixed per-call cost is
-        paid once per step instead of once per unroll). Each run's meta-loss carries the
-        graph back to ``meta``."""
-        runs = [_Run(u, min(self.truncation, self.horizon - u.step)) for u in unrolls]
+    def _truncation(self, u: Unroll, meta: Mapping[str, Tensor]
+                    ) -> Tuple[Tensor, float, Unroll]:
+        """``(meta_loss, train loss at θ_0, advanced detached unroll)``; the meta-loss
+        carries the graph back to ``meta``."""
+        task, names = u.task, list(u.params.keys())
+        named = lambda ps: OrderedDict(zip(names, ps))  # noqa: E731
+        steps = min(self.truncation, self.horizon - u.step)
+        params = [p.detach() for p in u.params.values()]
+        state = _detach_state(u.state)
         split = self.meta_loss.split
-        for t in range(max(r.steps for r in runs) + 1):
-            stepping: List[Tuple["_Run", List[Tensor]]] = []
-            for r in runs:
-                if t > r.steps:
-                    continue
-                task, k = r.unroll.task, r.unroll.step + t
-                if t == 0:
-                    # θ_0 is detached: its loss only gives the first inner gradient.
-                    leaf = [p.detach().requires_grad_() for p in r.params]
-                    loss = task.loss(r.named(leaf), task.batch(k, "train"))
-                    r.loss0 = float(loss.detach())
-                    stepping.append((r, list(torch.autograd.grad(loss, leaf))))
-                    continue
+        terms: List[Tensor] = []
+        for t in range(steps + 1):
+            k = u.step + t
+            if t == 0:
+                # θ_0 is detached: its loss only gives the first inner gradient.
+                leaf = [p.detach().requires_grad_() for p in params]
+                loss = task.loss(named(leaf), task.batch(k, "train"))
+                loss0 = float(loss.detach())
+                grads = torch.autograd.grad(loss, leaf)
+            else:
                 train = None
                 if split == "train":
-                    train = task.loss(r.named(r.params), task.batch(k, "train"))
-                    r.terms.append(self.meta_loss.term(train))
+                    train = task.loss(named(params), task.batch(k, "train"))
+                    terms.append(self.meta_loss.term(train))
                 else:
-                    r.terms.append(self.meta_loss.term(
-                        task.loss(r.named(r.params), task.batch(k, split))))
-                    if t < r.steps:
-                        train = task.loss(r.named(r.params), task.batch(k, "train"))
-                if t == r.steps:
-                    continue
+                    terms.append(self.meta_loss.term(
+                        task.loss(named(params), task.batch(k, split))))
+                    if t < steps:
+                        train = task.loss(named(params), task.batch(k, "train"))
+                if t == steps:
+                    break
                 # second_order=False: the inner gradient enters the rule as a constant
                 # (no graph through it). The loss's graph is kept (retain_graph) because
                 # the meta-loss term above backpropagates through it.
-                stepping.append((r, list(torch.autograd.grad(
-                    train, r.params, retain_graph=True, create_graph=self.second_order))))
-            if not stepping:
-                break
-            params = [p for r, _ in stepping for p in r.params]
-            grads = [g for _, gs in stepping for g in gs]
-            state = MLPState(*[[x for r, _ in stepping for x in getattr(r.state, f)]
-                               for f in MLPState._fields])
+                grads = torch.autograd.grad(train, params, retain_graph=True,
+                                            create_graph=self.second_order)
             params, state = update(params, grads, state, meta, self.config, lr=self.lr,
                                    fused=self.fused)
-            at = 0
-            for r, _ in stepping:
-                n = len(r.params)
-                r.params = params[at:at + n]
-                r.state = MLPState(*[lst[at:at + n] for lst in state])
-                at += n
-        for r in runs:
-            r.finish()
-        return runs
-
-
-class _Run:
-    """One unroll's truncation in progress (see :meth:`TruncatedBPTT._truncations`);
-    after :meth:`finish`, ``meta_loss`` (with its graph) and the advanced, detached
-    ``unroll``."""
-
-    def __init__(self, u: Unroll, steps: int):
-        self.unroll, self.steps = u, steps
-        self.names = list(u.params.keys())
-        self.params = [p.detach() for p in u.params.values()]
-        self.state = _detach_state(u.state)
-        self.terms: List[Tensor] = []
-        self.loss0 = float("nan")
-        self.meta_loss: Optional[Tensor] = None
-
-    def named(self, params: List[Tensor]) -> "OrderedDict[str, Tensor]":
-        return OrderedDict(zip(self.names, params))
-
-    def finish(self) -> None:
-        u = self.unroll
-        self.meta_loss = torch.stack(self.terms).mean()
-        self.unroll = Unroll(task=u.task, params=OrderedDict(
-            zip(self.names, (p.detach() for p in self.params))), state=_detach_state(self.state),
-            step=u.step + self.steps, extra=dict(u.extra))
+        meta_loss = torch.stack(terms).mean()
+        new = Unroll(task=task, params=OrderedDict(zip(names, (p.detach() for p in params))),
+                     state=_detach_state(state), step=u.step + steps, extra=dict(u.extra))
+        return meta_loss, loss0, new
