@@ -158,22 +158,49 @@ class InfAfter(QuadraticTask):
         return b + float("inf") if step >= self.bad_step else b
 
 
-def test_tbptt_nonfinite_loss_gives_zero_grads_and_resets_the_unroll():
+def test_tbptt_diverged_unroll_is_restarted_and_left_out():
     meta = meta64()
     est = TruncatedBPTT(CFG, 2, 10, lr=30.0)
     bad, good = InfAfter(1, bad_step=3), quad(2)
     unrolls = [est.init_unroll(bad, meta, 0), est.init_unroll(good, meta, 0)]
     e, unrolls = est.estimate(meta, unrolls, seed=0)  # steps 0-2: still finite
     assert e.finite and all(u.step == 2 for u in unrolls)
-    e, new = est.estimate(meta, unrolls, seed=1)  # θ_3 is scored on an inf batch
-    assert not e.finite and e.metrics["n_nonfinite"] == 1.0
-    assert all(float(g.abs().sum()) == 0.0 for g in e.grads.values())
+    e, new = est.estimate(meta, unrolls, seed=1)  # θ_3 is scored on an inf batch first
+    assert e.finite and e.metrics["n_nonfinite"] == 1.0
+    alone, _ = est.estimate(meta, unrolls[1:], seed=1)  # no finite prefix: good's alone
+    for k in meta:
+        torch.testing.assert_close(e.grads[k], alone.grads[k], rtol=0, atol=0)
     assert new[0].step == 0 and new[0].task is bad  # reset: fresh start of the same task
     assert all(bool(torch.isfinite(p).all()) for p in new[0].params.values())
     assert all(float(s) == 0.0 for s in new[0].state.step)
     assert new[1].step == 4  # the finite unroll advanced
     e, _ = est.estimate(meta, new, seed=2)
     assert e.finite
+
+
+def test_tbptt_divergence_keeps_the_gradient_of_its_finite_prefix():
+    """Steps 1-2 of the truncation are finite, step 3 is not: the unroll contributes the
+    gradient of the mean of its first two terms (the signal against diverging)."""
+    meta = meta64()
+    bad = InfAfter(1, bad_step=3)
+    e, new = TruncatedBPTT(CFG, 3, 10, lr=30.0).estimate(
+        meta, [TruncatedBPTT(CFG, 3, 10).init_unroll(bad, meta, 0)], seed=0)
+    prefix, _ = TruncatedBPTT(CFG, 2, 10, lr=30.0).estimate(
+        meta, [TruncatedBPTT(CFG, 2, 10).init_unroll(bad, meta, 0)], seed=0)
+    assert e.finite and e.metrics["n_nonfinite"] == 1.0 and new[0].step == 0
+    assert e.meta_loss == prefix.meta_loss
+    for k in meta:
+        torch.testing.assert_close(e.grads[k], prefix.grads[k], rtol=0, atol=0)
+    assert any(float(g.abs().sum()) > 0 for g in e.grads.values())
+
+
+def test_tbptt_all_unrolls_diverged_gives_zero_grads():
+    meta = meta64()
+    est = TruncatedBPTT(CFG, 2, 10, lr=30.0)
+    e, new = est.estimate(meta, [est.init_unroll(InfAfter(1, bad_step=1), meta, 0)], seed=0)
+    assert not e.finite and e.metrics["n_nonfinite"] == 1.0
+    assert all(float(g.abs().sum()) == 0.0 for g in e.grads.values())
+    assert new[0].step == 0
 
 
 def test_tbptt_meta_loss_options_and_horizon():

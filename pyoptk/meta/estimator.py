@@ -165,7 +165,8 @@ def check_estimator_args(owner: str, truncation: int, horizon: int,
 def finish_estimate(meta_params: Mapping[str, Tensor], grad_sum: Optional[Sequence[Tensor]],
                     n_ok: int, losses: Sequence[float], n_bad: int,
                     max_grad_norm: Optional[float],
-                    metrics: Optional[Dict[str, float]] = None) -> Estimate:
+                    metrics: Optional[Dict[str, float]] = None, *,
+                    drop_nonfinite: bool = False) -> Estimate:
     """The :class:`Estimate` of summed per-unroll gradients (the NaN policy and the
     clipping of every estimator).
 
@@ -174,16 +175,21 @@ def finish_estimate(meta_params: Mapping[str, Tensor], grad_sum: Optional[Sequen
         grad_sum: the sum of the finite unrolls' gradients (None when there were none).
         n_ok: how many unrolls ``grad_sum`` sums.
         losses: the finite unrolls' meta-losses.
-        n_bad: unrolls whose loss or gradient was non-finite. Any makes the estimate
-            ``finite=False`` with zero gradients: a caller skipping the meta-update then
-            never steps on a partial average that over-weights the surviving tasks.
+        n_bad: unrolls whose loss or gradient was non-finite. Unless
+            ``drop_nonfinite``, any makes the estimate ``finite=False`` with zero
+            gradients: a caller skipping the meta-update then never steps on a partial
+            average that over-weights the surviving tasks (ES/PES, whose particles of a
+            diverged unroll carry no usable difference).
+        drop_nonfinite: average over the ``n_ok`` contributing unrolls whatever
+            ``n_bad`` is (TBPTT, whose diverged unrolls still contribute the gradient of
+            their finite prefix); ``finite=False`` only when ``n_ok == 0``.
         max_grad_norm: clip the averaged gradient to this global L2 norm (None: no
             clipping). ``metrics["grad_norm"]`` is the norm before clipping.
     """
     metrics = dict(metrics or {})
     metrics["n_nonfinite"] = float(n_bad)
     meta_loss = float(sum(losses) / len(losses)) if losses else float("nan")
-    if n_bad or grad_sum is None or n_ok == 0:
+    if (n_bad and not drop_nonfinite) or grad_sum is None or n_ok == 0:
         zeros = OrderedDict((k, torch.zeros_like(v)) for k, v in meta_params.items())
         metrics["grad_norm"] = float("nan")
         return Estimate(zeros, meta_loss, finite=False, metrics=metrics)
