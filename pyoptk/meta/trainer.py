@@ -252,6 +252,8 @@ class MetaTrainer:
                              f"{cfg.grad_accum}")
         per_rank = cfg.grad_accum // self.world
         self._local = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.device = self._pick_device()
         self.progress = (self.rank == 0 and sys.stderr.isatty()) if progress is None \
             else (progress and self.rank == 0)
