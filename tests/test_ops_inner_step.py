@@ -203,9 +203,9 @@ def test_backward_op_matches_closed_form(backend):
 _GC_SHAPES = [(), (1,), (2, 3)]
 
 
-def _gc_inputs():
-    p, g, m, v = _adam_inputs(_GC_SHAPES, torch.float64, seed=5)
-    lrs = _rand(_GC_SHAPES, torch.float64, 9, positive=True)
+def _gc_inputs(shapes=_GC_SHAPES):
+    p, g, m, v = _adam_inputs(shapes, torch.float64, seed=5)
+    lrs = _rand(shapes, torch.float64, 9, positive=True)
     lr = torch.tensor(0.3, dtype=torch.float64)
     req = lambda ts: [t.requires_grad_(True) for t in ts]  # noqa: E731
     return req(p), req(g), req(m), req(v), req(lrs), lr.requires_grad_(True)
@@ -213,7 +213,10 @@ def _gc_inputs():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_gradgradcheck(backend):
-    p, g, m, v, lrs, lr = _gc_inputs()
+    # The Triton interpreter costs ~15 ms a launch: two tensors, and fast_mode (one random
+    # direction per input instead of one perturbation per element).
+    fast = backend == "triton"
+    p, g, m, v, lrs, lr = _gc_inputs([(), (2, 3)] if fast else _GC_SHAPES)
     n = len(p)
     sgd = lambda *x: tuple(inner_sgd(list(x[:n]), list(x[n:2 * n]), x[-1]))  # noqa: E731
     meta = lambda *x: tuple(inner_metasgd(  # noqa: E731
@@ -228,8 +231,8 @@ def test_gradcheck_gradgradcheck(backend):
         warnings.simplefilter("ignore", SlowPathWarning)
         for fn, args in ((sgd, (*p, *g, lr)), (meta, (*p, *g, *lrs)),
                          (adam, (*p, *g, *m, *v, lr))):
-            assert gradcheck(fn, args)
-            assert gradgradcheck(fn, args)
+            assert gradcheck(fn, args, fast_mode=fast)
+            assert gradgradcheck(fn, args, fast_mode=fast)
 
 
 def test_double_backward_of_adam_warns_once():
@@ -401,3 +404,31 @@ def test_torch_compile_meta_gradient(which):
         pytest.fail(f"torch.compile raised instead of matching eager: {exc!r}")
     for a, e, what in zip(compiled, eager, ("loss", "d w", "d lr")):
         assert_close(a, e, 1e-6, 1e-5, f"compiled {what}")
+
+
+# ----------------------------------------------------------------------------------
+# The forced backend is the one that runs.
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_forced_backend_runs_its_kernels(backend, monkeypatch):
+    calls = []
+    if backend == "cpu":
+        from pyoptk._native import native
+
+        mod, names = native(), ["inner_sgd_cpu", "inner_sgd_backward_cpu", "inner_adam_cpu",
+                                "inner_adam_backward_cpu"]
+    else:
+        from pyoptk.kernels import inner_step as mod
+
+        names = ["sgd", "sgd_backward", "adam", "adam_backward"]
+    for name in names:
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name: (calls.append(_n), _o(*a))[1])
+    p, g, m, v = _leaves(_adam_inputs([(3,), (130,)], torch.float32))
+    lr = torch.tensor(0.1, requires_grad=True)
+    with pyoptk.use_backend(backend):
+        out = inner_adam(p, g, m, v, 1, lr)
+        out2 = inner_sgd(out[0], g, lr)
+        out3 = inner_metasgd(out2, g, [x.detach().abs() for x in m])
+        sum(t.sum() for t in out3).backward()
+    assert sorted(set(calls)) == sorted(names), calls

@@ -41,7 +41,9 @@ import torch
 from torch import Tensor
 
 from pyoptk._backend import get_backend, implementation, register_backend, use_backend, warn_once
+from pyoptk._native import native
 from pyoptk._nvtx import annotate
+from pyoptk.ops import _native_call as nc
 
 __all__ = [
     "inner_sgd", "inner_metasgd", "inner_adam",
@@ -121,7 +123,7 @@ def inner_adam_reference(params: Sequence[Tensor], grads: Sequence[Tensor],
         a = _lr_value(lr, ct, p.device)
         g = g.to(ct)
         m2 = torch.lerp(m.to(ct), g, 1 - beta1)
-        v2 = v.to(ct) * beta2 + (1 - beta2) * (g * g)
+        v2 = v.to(ct) * beta2 + (1 - beta2) * g * g  # torch addcmul_ order: ((1-b2)*g)*g
         denom = safe_sqrt(v2) / bc2_sqrt + eps
         step_size = a / bc1
         new_p.append((p.to(ct) - step_size * m2 / denom).to(p.dtype))
@@ -194,7 +196,7 @@ def inner_adam_vjp_reference(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor]
         c = a / bc1
         g32, dp = g.to(ct), dp.to(ct)
         m2 = torch.lerp(m.to(ct), g32, w)
-        v2 = v.to(ct) * beta2 + (1 - beta2) * (g32 * g32)
+        v2 = v.to(ct) * beta2 + (1 - beta2) * g32 * g32
         r = safe_sqrt(v2)
         zero = v2 == 0
         dr = torch.where(zero, torch.zeros_like(v2), 0.5 / torch.where(zero, torch.ones_like(r), r))
@@ -237,6 +239,175 @@ def _adam_fwd_torch(params, grads, exp_avgs, exp_avg_sqs, step, lr, lr_t, beta1,
 register_backend(BWD_SGD, "torch")(inner_sgd_vjp_reference)
 register_backend(BWD_METASGD, "torch")(inner_metasgd_vjp_reference)
 register_backend(BWD_ADAM, "torch")(inner_adam_vjp_reference)
+
+
+# Fused backends: native CPU / CUDA (pyoptk._C, csrc/cpu|cuda/inner_step.*) and Triton
+# (pyoptk.kernels.inner_step). They take float32 or float64 arrays: bf16/fp16 params,
+# grads and cotangents are upcast to float32 copies here and the results cast back (the
+# reference does the same math in fp32).
+def _up(ts: Sequence[Tensor], ct: torch.dtype) -> List[Tensor]:
+    return [t if t.dtype == ct else t.to(ct) for t in ts]
+
+
+def _down(ts: Sequence[Tensor], like: Sequence[Tensor]) -> List[Tensor]:
+    return [t if t.dtype == r.dtype else t.to(r.dtype) for t, r in zip(ts, like)]
+
+
+def _lr_arg(lr_t: Optional[Tensor], ct: torch.dtype) -> Optional[Tensor]:
+    return None if lr_t is None else lr_t.reshape(1).to(ct).contiguous()
+
+
+def _d_lr(total: Optional[Tensor], lr_t: Optional[Tensor], scale: float) -> Optional[Tensor]:
+    """``-total * scale`` as a tensor of ``lr_t``'s dtype and shape (None without lr_t)."""
+    if lr_t is None:
+        return None
+    return (-total * scale).to(lr_t.dtype).reshape(lr_t.shape)
+
+
+class _Native:
+    """Launchers of pyoptk._C's inner_* functions for one device type."""
+
+    def __init__(self, device_type: str):
+        self.cuda = device_type == "cuda"
+
+    def _call(self, name: str, *args, device=None):
+        fn = getattr(native(), f"{name}_{'cuda' if self.cuda else 'cpu'}")
+        if self.cuda:
+            return fn(*args, nc.stream_handle(device))
+        return fn(*args)
+
+    def _partials(self, numels, ct, device) -> Tensor:
+        n = native().inner_step_num_chunks(numels)
+        # CPU partials are double; CUDA's are in the compute dtype.
+        return torch.zeros(n, dtype=ct if self.cuda else torch.float64, device=device)
+
+    def sgd(self, params, grads, lr, lr_t, lrs=None):
+        ct = compute_dtype(params[0].dtype)
+        p, g = _up(params, ct), _up(grads, ct)
+        a = _up(lrs, ct) if lrs is not None else []
+        lt = _lr_arg(lr_t, ct)
+        out = [torch.empty_like(x) for x in p]
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt))
+        self._call("inner_sgd", nc.ptrs(p), nc.ptrs(g), nc.ptrs(a), nc.ptrs(out), nc.numels(p),
+                   ct == torch.float64, cfg, device=p[0].device)
+        return _down(out, params)
+
+    def sgd_backward(self, grads, d_params, lr, lr_t, lrs=None):
+        ct = compute_dtype(grads[0].dtype)
+        g, dp = _up(grads, ct), _up(d_params, ct)
+        a = _up(lrs, ct) if lrs is not None else []
+        lt = _lr_arg(lr_t, ct)
+        d_g = [torch.empty_like(x) for x in g]
+        d_a = [torch.empty_like(x) for x in a]
+        want_sum = lrs is None and lr_t is not None
+        part = self._partials(nc.numels(g), ct, g[0].device) if want_sum else None
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt))
+        self._call("inner_sgd_backward", nc.ptrs(g), nc.ptrs(a), nc.ptrs(dp), nc.ptrs(d_g),
+                   nc.ptrs(d_a), nc.numels(g), ct == torch.float64, cfg,
+                   part.data_ptr() if part is not None and part.numel() else 0,
+                   device=g[0].device)
+        total = part.sum().to(ct) if part is not None else None
+        return _down(d_g, grads), (_down(d_a, lrs) if lrs is not None else None), total
+
+    def adam(self, params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(params[0].dtype)
+        p, g, m, v = _up(params, ct), _up(grads, ct), _up(ms, ct), _up(vs, ct)
+        lt = _lr_arg(lr_t, ct)
+        po, mo, vo = ([torch.empty_like(x) for x in lst] for lst in (p, m, v))
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt), beta1=beta1, beta2=beta2,
+                                       eps=eps, step=step)
+        self._call("inner_adam", nc.ptrs(p), nc.ptrs(g), nc.ptrs(m), nc.ptrs(v), nc.ptrs(po),
+                   nc.ptrs(mo), nc.ptrs(vo), nc.numels(p), ct == torch.float64, cfg,
+                   device=p[0].device)
+        return _down(po, params), _down(mo, ms), _down(vo, vs)
+
+    def adam_backward(self, grads, ms, vs, dps, dms, dvs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(grads[0].dtype)
+        g, m, v = _up(grads, ct), _up(ms, ct), _up(vs, ct)
+        dp, dm, dv = _up(dps, ct), _up(dms, ct), _up(dvs, ct)
+        lt = _lr_arg(lr_t, ct)
+        dgo, dmo, dvo = ([torch.empty_like(x) for x in lst] for lst in (g, m, v))
+        part = self._partials(nc.numels(g), ct, g[0].device) if lr_t is not None else None
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt), beta1=beta1, beta2=beta2,
+                                       eps=eps, step=step)
+        self._call("inner_adam_backward", nc.ptrs(g), nc.ptrs(m), nc.ptrs(v), nc.ptrs(dp),
+                   nc.ptrs(dm), nc.ptrs(dv), nc.ptrs(dgo), nc.ptrs(dmo), nc.ptrs(dvo),
+                   nc.numels(g), ct == torch.float64, cfg,
+                   part.data_ptr() if part is not None and part.numel() else 0,
+                   device=g[0].device)
+        total = part.sum().to(ct) if part is not None else None
+        return _down(dgo, grads), _down(dmo, ms), _down(dvo, vs), total
+
+
+class _Triton:
+    """Launchers of pyoptk.kernels.inner_step (same interface as _Native)."""
+
+    @staticmethod
+    def _k():
+        from pyoptk.kernels import inner_step as k
+
+        return k
+
+    def sgd(self, params, grads, lr, lr_t, lrs=None):
+        ct = compute_dtype(params[0].dtype)
+        out = self._k().sgd(_up(params, ct), _up(grads, ct),
+                            _up(lrs, ct) if lrs is not None else None, lr, _lr_arg(lr_t, ct))
+        return _down(out, params)
+
+    def sgd_backward(self, grads, d_params, lr, lr_t, lrs=None):
+        ct = compute_dtype(grads[0].dtype)
+        d_g, d_a, total = self._k().sgd_backward(
+            _up(grads, ct), _up(lrs, ct) if lrs is not None else None, _up(d_params, ct), lr,
+            _lr_arg(lr_t, ct))
+        return _down(d_g, grads), (_down(d_a, lrs) if lrs is not None else None), total
+
+    def adam(self, params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(params[0].dtype)
+        po, mo, vo = self._k().adam(_up(params, ct), _up(grads, ct), _up(ms, ct), _up(vs, ct),
+                                    step, lr, _lr_arg(lr_t, ct), beta1, beta2, eps)
+        return _down(po, params), _down(mo, ms), _down(vo, vs)
+
+    def adam_backward(self, grads, ms, vs, dps, dms, dvs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(grads[0].dtype)
+        dgo, dmo, dvo, total = self._k().adam_backward(
+            _up(grads, ct), _up(ms, ct), _up(vs, ct), _up(dps, ct), _up(dms, ct), _up(dvs, ct),
+            step, lr, _lr_arg(lr_t, ct), beta1, beta2, eps)
+        return _down(dgo, grads), _down(dmo, ms), _down(dvo, vs), total
+
+
+def _register_fused(backend: str, impl) -> None:
+    """Registers ``impl``'s launchers as ``backend`` of the six ops."""
+
+    def sgd(params, grads, lr, lr_t):
+        return impl.sgd(params, grads, lr, lr_t)
+
+    def metasgd(params, grads, lrs):
+        return impl.sgd(params, grads, 0.0, None, lrs)
+
+    def adam(params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps):
+        return impl.adam(params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps)
+
+    def sgd_bwd(grads, d_params, lr, lr_t):
+        d_g, _, total = impl.sgd_backward(grads, d_params, lr, lr_t)
+        return d_g, _d_lr(total, lr_t, 1.0)
+
+    def metasgd_bwd(grads, lrs, d_params):
+        d_g, d_a, _ = impl.sgd_backward(grads, d_params, 0.0, None, lrs)
+        return d_g, d_a
+
+    def adam_bwd(grads, ms, vs, dps, dms, dvs, step, lr, lr_t, beta1, beta2, eps):
+        d_g, d_m, d_v, total = impl.adam_backward(grads, ms, vs, dps, dms, dvs, step, lr, lr_t,
+                                                  beta1, beta2, eps)
+        return d_g, d_m, d_v, _d_lr(total, lr_t, 1.0 / adam_scalars(step, beta1, beta2)[0])
+
+    for op, fn in ((OP_SGD, sgd), (OP_METASGD, metasgd), (OP_ADAM, adam), (BWD_SGD, sgd_bwd),
+                   (BWD_METASGD, metasgd_bwd), (BWD_ADAM, adam_bwd)):
+        register_backend(op, backend)(fn)
+
+
+_register_fused("cpu", _Native("cpu"))
+_register_fused("cuda", _Native("cuda"))
+_register_fused("triton", _Triton())
 
 
 def _impl(op: str, device_type: str):
