@@ -432,3 +432,53 @@ def test_forced_backend_runs_its_kernels(backend, monkeypatch):
         out3 = inner_metasgd(out2, g, [x.detach().abs() for x in m])
         sum(t.sum() for t in out3).backward()
     assert sorted(set(calls)) == sorted(names), calls
+
+
+def _query_loss(which, w, g, lr, xq, yq):
+    """The traced part of a MAML step: inner update (grads given) and the query loss."""
+    if which == "sgd":
+        p = inner_sgd([w], [g], lr)
+    elif which == "metasgd":
+        p = inner_metasgd([w], [g], [lr * torch.ones_like(w)])
+    else:
+        p, _, _ = inner_adam([w], [g], [torch.zeros_like(w)], [torch.zeros_like(w)], 1, lr)
+    return ((xq @ p[0] - yq) ** 2).mean()
+
+
+@pytest.mark.parametrize("which", ["sgd", "metasgd", "adam"])
+def test_torch_compile_fullgraph_step_meta_gradient(which):
+    """The inner step and query loss compiled as one graph (fullgraph: the custom ops
+    and their autograd are traced, no graph break); the support-loss gradient is taken
+    outside with create_graph=True. The meta-gradient equals eager."""
+    torch.manual_seed(1)
+    x, y, xq, yq = torch.randn(8, 5), torch.randn(8, 3), torch.randn(8, 5), torch.randn(8, 3)
+    w0 = torch.randn(5, 3) * 0.1
+
+    def run(fn):
+        w = w0.clone().requires_grad_(True)
+        lr = torch.tensor(0.1, requires_grad=True)
+        (g,) = torch.autograd.grad(((x @ w - y) ** 2).mean(), [w], create_graph=True)
+        loss = fn(which, w, g, lr, xq, yq)
+        return (loss.detach(), *torch.autograd.grad(loss, [w, lr]))
+
+    eager = run(_query_loss)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(_query_loss, backend="aot_eager", fullgraph=True))
+    for a, e, what in zip(compiled, eager, ("loss", "d w", "d lr")):
+        assert_close(a, e, 1e-6, 1e-5, f"compiled {what}")
+
+
+def test_torch_compile_double_backward_raises():
+    """Differentiating the compiled step's backward again is not supported by
+    torch.compile: it raises (it must never return a silently wrong value)."""
+    torch.manual_seed(2)
+    xq, yq = torch.randn(8, 5), torch.randn(8, 3)
+    w = torch.randn(5, 3, requires_grad=True)
+    g = torch.randn(5, 3, requires_grad=True)
+    lr = torch.tensor(0.1, requires_grad=True)
+    torch._dynamo.reset()
+    fn = torch.compile(_query_loss, backend="aot_eager", fullgraph=True)
+    loss = fn("sgd", w, g, lr, xq, yq)
+    (dg,) = torch.autograd.grad(loss, [g], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(dg.sum(), [w, lr], allow_unused=True)

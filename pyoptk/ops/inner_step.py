@@ -778,6 +778,11 @@ def _check_lr(op: str, lr, params: List[Tensor]) -> Tuple[float, Optional[Tensor
         if params and lr.device != params[0].device:
             raise ValueError(f"{op}: lr tensor is on {lr.device}, expected {params[0].device}")
         ct = compute_dtype(params[0].dtype) if params else torch.float32
+        if lr.dim() == 0 and lr.dtype == ct:
+            # Passed as is (no view): under torch.compile the op then saves the user's
+            # tensor itself, so a double backward reaches torch's "does not support
+            # double backward" error instead of a disconnected graph.
+            return 0.0, lr
         return 0.0, lr.reshape(()).to(ct)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"{op}: lr must be a float or a tensor, got {type(lr).__name__}")
