@@ -32,8 +32,9 @@ TILES = 4
 CHUNK = BLOCK * TILES
 NUM_WARPS = 4
 
-# Slots of the scalars tensor.
-_S_LR, _S_C, _S_BC2, _S_LERP, _S_W1, _S_B1, _S_B2, _S_OMB2, _S_TWO_OMB2, _S_EPS = range(10)
+# Slots of the scalars tensor (constexpr: jitted code may read only constexpr globals).
+(_S_LR, _S_C, _S_BC2, _S_LERP, _S_W1, _S_B1, _S_B2, _S_OMB2, _S_TWO_OMB2,
+ _S_EPS) = (tl.constexpr(i) for i in range(10))
 
 
 # ----------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _adam_backward_kernel(g_base, m_base, v_base, dp_base, dm_base, dv_base, dgo
         zero = v2 == 0.0
         r = tl.where(zero, 0.0, _sqrt(tl.where(zero, 1.0, v2), F64))
         # safe sqrt: derivative 0 (not +inf) at v' == 0
-        dr = tl.where(zero, 0.0, _div(0.5, tl.where(zero, 1.0, r), F64))
+        dr = tl.where(zero, 0.0, _div(tl.zeros_like(r) + 0.5, tl.where(zero, 1.0, r), F64))
         d = _div(r, bc2, F64) + eps
         cdp = c * dp
         M = dm - _div(cdp, d, F64)
