@@ -832,10 +832,10 @@ PYBIND11_MODULE(_C, m) {
          const InnerStepConfig& cfg, uintptr_t partials) {
         check_inner("inner_adam_backward_cpu", numels, {{"grads", &grads},
                     {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs},
-                    {"d_params", &d_params}, {"d_exp_avgs", &d_exp_avgs},
-                    {"d_exp_avg_sqs", &d_exp_avg_sqs}, {"d_grads_out", &d_grads_out},
+                    {"d_params", &d_params}, {"d_grads_out", &d_grads_out},
                     {"d_exp_avgs_out", &d_exp_avgs_out},
-                    {"d_exp_avg_sqs_out", &d_exp_avg_sqs_out}});
+                    {"d_exp_avg_sqs_out", &d_exp_avg_sqs_out}},
+                    {{"d_exp_avgs", &d_exp_avgs}, {"d_exp_avg_sqs", &d_exp_avg_sqs}});
         check_inner_adam_cfg("inner_adam_backward_cpu", cfg);
         py::gil_scoped_release nogil;
         pyoptk::inner_adam_backward_cpu(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs,
@@ -846,8 +846,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("d_exp_avgs"), py::arg("d_exp_avg_sqs"), py::arg("d_grads_out"),
       py::arg("d_exp_avgs_out"), py::arg("d_exp_avg_sqs_out"), py::arg("numels"),
       py::arg("f64"), py::arg("cfg"), py::arg("partials"),
-      "VJPs of inner_adam_cpu (one fused pass); partials (double per chunk, or 0) get "
-      "sum(d_params * m'/denom).");
+      "VJPs of inner_adam_cpu (one fused pass); d_exp_avgs / d_exp_avg_sqs may be empty "
+      "(zero cotangents); partials (double per chunk, or 0) get sum(d_params * m'/denom).");
 
   m.def(
       "inner_sgd_cuda",
@@ -924,10 +924,10 @@ PYBIND11_MODULE(_C, m) {
 #ifdef PYOPTK_WITH_CUDA
         check_inner("inner_adam_backward_cuda", numels, {{"grads", &grads},
                     {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs},
-                    {"d_params", &d_params}, {"d_exp_avgs", &d_exp_avgs},
-                    {"d_exp_avg_sqs", &d_exp_avg_sqs}, {"d_grads_out", &d_grads_out},
+                    {"d_params", &d_params}, {"d_grads_out", &d_grads_out},
                     {"d_exp_avgs_out", &d_exp_avgs_out},
-                    {"d_exp_avg_sqs_out", &d_exp_avg_sqs_out}});
+                    {"d_exp_avg_sqs_out", &d_exp_avg_sqs_out}},
+                    {{"d_exp_avgs", &d_exp_avgs}, {"d_exp_avg_sqs", &d_exp_avg_sqs}});
         check_inner_adam_cfg("inner_adam_backward_cuda", cfg);
         py::gil_scoped_release nogil;
         pyoptk::inner_adam_backward_cuda(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs,

@@ -192,7 +192,10 @@ def _adam_kernel(p_base, g_base, m_base, v_base, po_base, mo_base, vo_base, scal
 def _adam_backward_kernel(g_base, m_base, v_base, dp_base, dm_base, dv_base, dgo_base,
                           dmo_base, dvo_base, scal, part, chunks, meta, n_tensors,
                           FROM_END: tl.constexpr, F64: tl.constexpr, WANT_SUM: tl.constexpr,
+                          HAS_DM: tl.constexpr, HAS_DV: tl.constexpr,
                           BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """HAS_DM / HAS_DV false: d_m' / d_v' are zero (their role rows then hold the grads'
+    offsets, never read)."""
     pid = tl.program_id(0).to(tl.int64)
     nt = n_tensors.to(tl.int64)
     t = tl.load(chunks + 2 * pid)
@@ -225,8 +228,14 @@ def _adam_backward_kernel(g_base, m_base, v_base, dp_base, dm_base, dv_base, dgo
         m = tl.load(m_ptr + o, mask=mask)
         v = tl.load(v_ptr + o, mask=mask)
         dp = tl.load(dp_ptr + o, mask=mask)
-        dm = tl.load(dm_ptr + o, mask=mask)
-        dv = tl.load(dv_ptr + o, mask=mask)
+        if HAS_DM:
+            dm = tl.load(dm_ptr + o, mask=mask)
+        else:
+            dm = tl.zeros_like(g)
+        if HAS_DV:
+            dv = tl.load(dv_ptr + o, mask=mask)
+        else:
+            dv = tl.zeros_like(g)
         m2, v2 = _moments(g, m, v, lerp_coef, beta2, omb2, FROM_END)
         zero = v2 == 0.0
         r = tl.where(zero, 0.0, _sqrt(tl.where(zero, 1.0, v2), F64))
@@ -345,7 +354,11 @@ def adam_backward(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs, d_exp_avg_
                   step: int, lr: float, lr_t: Optional[torch.Tensor], beta1: float,
                   beta2: float, eps: float):
     """``(d_grads, d_exp_avgs, d_exp_avg_sqs, sum(d_p * m'/d) or None)``; the sum only
-    with a tensor lr (``d_lr = -sum / (1 - b1^t)``)."""
+    with a tensor lr (``d_lr = -sum / (1 - b1^t)``). Empty ``d_exp_avgs`` /
+    ``d_exp_avg_sqs``: zero cotangents."""
+    has_dm, has_dv = len(d_exp_avgs) > 0, len(d_exp_avg_sqs) > 0
+    d_exp_avgs = d_exp_avgs if has_dm else grads  # placeholder role, not read
+    d_exp_avg_sqs = d_exp_avg_sqs if has_dv else grads
     dgo = [torch.empty_like(g) for g in grads]
     dmo = [torch.empty_like(m) for m in exp_avgs]
     dvo = [torch.empty_like(v) for v in exp_avg_sqs]
@@ -369,5 +382,5 @@ def adam_backward(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs, d_exp_avg_
             grads[b], exp_avgs[b], exp_avg_sqs[b], d_params[b], d_exp_avgs[b],
             d_exp_avg_sqs[b], dgo[b], dmo[b], dvo[b], scal, part, table.chunks, table.meta,
             table.n_tensors, FROM_END=abs(1.0 - beta1) >= 0.5, F64=dt == torch.float64,
-            BLOCK=BLOCK, TILES=TILES, num_warps=NUM_WARPS)
+            HAS_DM=has_dm, HAS_DV=has_dv, BLOCK=BLOCK, TILES=TILES, num_warps=NUM_WARPS)
     return dgo, dmo, dvo, (part.sum() if part is not None else None)

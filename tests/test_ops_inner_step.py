@@ -195,6 +195,16 @@ def test_backward_op_matches_closed_form(backend):
         for i, (a, e) in enumerate(zip(got[k], exp[k])):
             assert_close(a, e, 1e-6 * max(1.0, _amax(e)), 1e-5, f"adam out {k}[{i}]")
     assert_close(got[3], exp[3], 1e-4, 1e-4, "adam d_lr")
+    # Absent moment cotangents (empty lists) are zeros.
+    with pyoptk.use_backend(backend):
+        got0 = torch.ops.pyoptk.inner_adam_backward(g, m, v, cp, [], [], 4, 0.0, lr_t,
+                                                    0.9, 0.999, 1e-8)
+    zeros = [torch.zeros_like(t) for t in m]
+    exp0 = inner_adam_vjp_reference(g, m, v, cp, zeros, zeros, 4, 0.0, lr_t, 0.9, 0.999, 1e-8)
+    for k in range(3):
+        for i, (a, e) in enumerate(zip(got0[k], exp0[k])):
+            assert_close(a, e, 1e-6 * max(1.0, _amax(e)), 1e-5, f"adam no-moment out {k}[{i}]")
+    assert_close(got0[3], exp0[3], 1e-4, 1e-4, "adam no-moment d_lr")
     exp_sgd = inner_sgd_vjp_reference(g, cp, 0.0, lr_t)
     _close_lists(got_sgd[0], exp_sgd[0], torch.float32, "sgd d_g")
     assert_close(got_sgd[1], exp_sgd[1], 1e-4, 1e-4, "sgd d_lr")
@@ -239,6 +249,22 @@ def test_gradcheck_gradgradcheck(backend):
                          (adam, (*p, *g, *m, *v, lr))):
             assert gradcheck(fn, args, fast_mode=fast)
             assert gradgradcheck(fn, args, fast_mode=fast)
+
+
+def test_gradgradcheck_adam_params_output_only():
+    """Only the new params used (the moments' cotangents are absent: the empty-list path
+    of the fused backward and of its double backward)."""
+    p, g, m, v, lrs, lr = _gc_inputs()
+    n = len(p)
+
+    def adam(*x):
+        return tuple(inner_adam(list(x[:n]), list(x[n:2 * n]), list(x[2 * n:3 * n]),
+                                list(x[3 * n:4 * n]), 2, x[-1], 0.9, 0.99, 1e-3)[0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        assert gradcheck(adam, (*p, *g, *m, *v, lr))
+        assert gradgradcheck(adam, (*p, *g, *m, *v, lr))
 
 
 def test_double_backward_of_adam_warns_once():
@@ -506,7 +532,8 @@ with pyoptk.use_backend("cpu"):
     a, b, c = inner_adam(p, g, m, v, 2, lr)
     q = inner_metasgd(inner_sgd(a, g, lr), g, [x.detach().abs() for x in m])
     loss = sum((t * t).sum() for t in q + b + c)
-    outs = [t.detach() for t in a + b + c + q] + list(torch.autograd.grad(loss, p + g + m + v + [lr]))
+    grads = torch.autograd.grad(loss, p + g + m + v + [lr])
+    outs = [t.detach() for t in a + b + c + q] + list(grads)
 torch.save(outs, sys.argv[1])
 """
 
@@ -525,3 +552,56 @@ def test_native_isa_copies_bit_identical(tmp_path):
         results[isa] = torch.load(out)
     for i, (a, b) in enumerate(zip(results["baseline"], results["avx512"])):
         assert torch.equal(a, b), f"output {i} differs between baseline and avx512 loops"
+
+
+# ----------------------------------------------------------------------------------
+# GPU tier (skipped without CUDA): the CUDA and Triton kernels on the device.
+# ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_match_reference(backend, dtype):
+    if backend not in pyoptk.available_backends("cuda"):
+        pytest.skip(f"{backend} backend not available")
+    dev = torch.device("cuda")
+    shapes = SHAPES + [(70000,)]
+    p, g, m, v = ([t.to(dev) for t in lst] for lst in _adam_inputs(shapes, dtype))
+    sdt = ist.compute_dtype(dtype)
+    lrs = [t.to(dev) for t in _rand(shapes, sdt, 7, positive=True, scale=0.1)]
+    lr_t = torch.tensor(0.05, dtype=sdt, device=dev)
+    cp, cm, cv = ([t.to(dev) for t in _rand(shapes, dt, 20 + k)]
+                  for k, dt in enumerate((dtype, sdt, sdt)))
+    cases = [
+        (lambda P, G, lr: [inner_sgd(P, G, lr)], lambda P, G, lr: [inner_sgd_reference(P, G, lr)],
+         [p, g], [cp]),
+        (lambda P, G, A, lr: [inner_metasgd(P, G, A)],
+         lambda P, G, A, lr: [inner_metasgd_reference(P, G, A)], [p, g, lrs], [cp]),
+        (lambda P, G, M, V, lr: inner_adam(P, G, M, V, 2, lr, 0.9, 0.99, 1e-6),
+         lambda P, G, M, V, lr: inner_adam_reference(P, G, M, V, 2, lr, 0.9, 0.99, 1e-6),
+         [p, g, m, v], [cp, cm, cv]),
+    ]
+    atol, rtol = TOL[dtype]
+    for k, (fn, ref_fn, lists, cts) in enumerate(cases):
+        with pyoptk.use_backend(backend):
+            outs = fn(*lists, lr_t)
+            got, got_lr = _vjp(fn, lists, lr_t, cts)
+        for a, e in zip([t for o in outs for t in o], [t for o in ref_fn(*lists, lr_t) for t in o]):
+            assert_close(a, e, atol, rtol, f"case {k} forward")
+        exp, exp_lr = _vjp(ref_fn, lists, lr_t, cts)
+        for ga, ea in zip(got, exp):
+            for a, e in zip(ga, ea):
+                assert_close(a, e, atol * max(1.0, _amax(e)), rtol, f"case {k} vjp")
+        assert_close(got_lr, exp_lr, atol * 10, rtol * 10, f"case {k} d_lr")
+    if dtype == torch.float64:
+        pp, gg, mm, vv, _, lr = _gc_inputs()
+        args = [t.detach().to(dev).requires_grad_(True) for t in pp + gg + mm + vv + [lr]]
+        n = len(pp)
+
+        def adam(*x):
+            out = inner_adam(list(x[:n]), list(x[n:2 * n]), list(x[2 * n:3 * n]),
+                             list(x[3 * n:4 * n]), 3, x[-1], 0.9, 0.99, 1e-3)
+            return tuple(t for lst in out for t in lst)
+
+        with pyoptk.use_backend(backend):
+            assert gradcheck(adam, tuple(args))

@@ -118,7 +118,8 @@ struct AdamSpan {
   }
 };
 
-template <typename T, bool WANT_SUM>
+// HAS_DM / HAS_DV false: that output cotangent is zero (not passed).
+template <typename T, bool WANT_SUM, bool HAS_DM, bool HAS_DV>
 struct AdamGradSpan {
   PYOPTK_LOOP double run(const T* PYOPTK_RESTRICT g, const T* PYOPTK_RESTRICT m,
                          const T* PYOPTK_RESTRICT v, const T* PYOPTK_RESTRICT dp,
@@ -133,7 +134,8 @@ struct AdamGradSpan {
       for (int k = 0; k < cpu::kLanes; ++k) {
         const int64_t i = i0 + k;
         T a, b, c;
-        const T term = inner_adam_vjp_element(g[i], m[i], v[i], dp[i], dm[i], dv[i], s, a, b, c);
+        const T term = inner_adam_vjp_element(g[i], m[i], v[i], dp[i], HAS_DM ? dm[i] : T(0),
+                                                 HAS_DV ? dv[i] : T(0), s, a, b, c);
         dgo[i] = a;
         dmo[i] = b;
         dvo[i] = c;
@@ -142,7 +144,8 @@ struct AdamGradSpan {
     }
     for (int64_t i = nv; i < n; ++i) {
       T a, b, c;
-      const T term = inner_adam_vjp_element(g[i], m[i], v[i], dp[i], dm[i], dv[i], s, a, b, c);
+      const T term = inner_adam_vjp_element(g[i], m[i], v[i], dp[i], HAS_DM ? dm[i] : T(0),
+                                                 HAS_DV ? dv[i] : T(0), s, a, b, c);
       dgo[i] = a;
       dmo[i] = b;
       dvo[i] = c;
@@ -192,16 +195,21 @@ void adam_backward_impl(const InnerPtrList& grads, const InnerPtrList& ms, const
     const T* m = cpu::as_ptr<const T>(ms[t]) + b;
     const T* v = cpu::as_ptr<const T>(vs[t]) + b;
     const T* dp = cpu::as_ptr<const T>(dps[t]) + b;
-    const T* dm = cpu::as_ptr<const T>(dms[t]) + b;
-    const T* dv = cpu::as_ptr<const T>(dvs[t]) + b;
+    const T* dm = dms.empty() ? nullptr : cpu::as_ptr<const T>(dms[t]) + b;
+    const T* dv = dvs.empty() ? nullptr : cpu::as_ptr<const T>(dvs[t]) + b;
     T* a = cpu::as_ptr<T>(dgo[t]) + b;
     T* bm = cpu::as_ptr<T>(dmo[t]) + b;
     T* bv = cpu::as_ptr<T>(dvo[t]) + b;
-    if (part != nullptr) {
-      part[c] = cpu::run_loop<AdamGradSpan<T, true>>(g, m, v, dp, dm, dv, a, bm, bv, ch.len, &s);
-    } else {
-      cpu::run_loop<AdamGradSpan<T, false>>(g, m, v, dp, dm, dv, a, bm, bv, ch.len, &s);
-    }
+    dispatch_bools(dm != nullptr, dv != nullptr, [&](auto flags) {
+      using F = decltype(flags);
+      if (part != nullptr) {
+        part[c] = cpu::run_loop<AdamGradSpan<T, true, F::first, F::second>>(
+            g, m, v, dp, dm, dv, a, bm, bv, ch.len, &s);
+      } else {
+        cpu::run_loop<AdamGradSpan<T, false, F::first, F::second>>(g, m, v, dp, dm, dv, a, bm,
+                                                                   bv, ch.len, &s);
+      }
+    });
   });
 }
 

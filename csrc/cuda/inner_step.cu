@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) inner_forward_kernel(const __grid_co
 
 // Backward: SGD in = (g, d_p), out = (d_g), partial sum(d_p*g); MetaSGD in = (g, a, d_p),
 // out = (d_g, d_a); Adam in = (g, m, v, d_p, d_m', d_v'), out = (d_g, d_m, d_v), partial
-// sum(d_p*(m'/d)).
+// sum(d_p*(m'/d)); d_m', d_v' may be absent (zero).
 template <typename T, Kind K>
 __global__ void __launch_bounds__(kThreads) inner_backward_kernel(const __grid_constant__ InnerArgs args) {
   __shared__ T red[kWarps];
@@ -102,13 +102,17 @@ __global__ void __launch_bounds__(kThreads) inner_backward_kernel(const __grid_c
       const T* __restrict__ m = static_cast<const T*>(args.in[1][t]) + begin;
       const T* __restrict__ v = static_cast<const T*>(args.in[2][t]) + begin;
       const T* __restrict__ dp = static_cast<const T*>(args.in[3][t]) + begin;
-      const T* __restrict__ dm = static_cast<const T*>(args.in[4][t]) + begin;
-      const T* __restrict__ dv = static_cast<const T*>(args.in[5][t]) + begin;
+      // Absent output cotangents (empty lists) are zero.
+      const T* __restrict__ dm =
+          args.in[4][t] != nullptr ? static_cast<const T*>(args.in[4][t]) + begin : nullptr;
+      const T* __restrict__ dv =
+          args.in[5][t] != nullptr ? static_cast<const T*>(args.in[5][t]) + begin : nullptr;
       T* __restrict__ dmo = static_cast<T*>(args.out[1][t]) + begin;
       T* __restrict__ dvo = static_cast<T*>(args.out[2][t]) + begin;
       for (int i = threadIdx.x; i < n; i += kThreads) {
         T a, b, e;
-        acc += inner_adam_vjp_element(g[i], m[i], v[i], dp[i], dm[i], dv[i], s, a, b, e);
+        acc += inner_adam_vjp_element(g[i], m[i], v[i], dp[i], dm != nullptr ? dm[i] : T(0),
+                                      dv != nullptr ? dv[i] : T(0), s, a, b, e);
         dg[i] = a;
         dmo[i] = b;
         dvo[i] = e;
@@ -157,7 +161,9 @@ void launch(const std::vector<const InnerPtrList*>& ins, const std::vector<const
     int64_t chunks = 0;
     for (size_t k = 0; k < table.size(); ++k) {
       const size_t i = static_cast<size_t>(table[k].index);
-      for (size_t r = 0; r < ins.size(); ++r) args.in[r][k] = reinterpret_cast<const void*>((*ins[r])[i]);
+      for (size_t r = 0; r < ins.size(); ++r) {  // an empty list: absent (zero cotangent)
+        args.in[r][k] = ins[r]->empty() ? nullptr : reinterpret_cast<const void*>((*ins[r])[i]);
+      }
       for (size_t r = 0; r < outs.size(); ++r) args.out[r][k] = reinterpret_cast<void*>((*outs[r])[i]);
       args.numel[k] = table[k].numel;
       args.chunk_start[k] = static_cast<int32_t>(chunks);

@@ -149,7 +149,8 @@ PYOPTK_HD T inner_adam_vjp_element(T g, T m, T v, T dp, T dm2, T dv2,
 // array is T = double when f64 else float. `lrs` empty: SGD with the scalar lr (cfg.lr
 // or *cfg.lr_ptr); else MetaSGD with one lr per element. `partials` (0: not wanted)
 // receives one value per chunk of kChunkSize elements (chunks of all tensors in order,
-// inner_step_num_chunks of them): double on CPU, T on CUDA.
+// inner_step_num_chunks of them): double on CPU, T on CUDA. In the Adam backward,
+// d_exp_avgs / d_exp_avg_sqs may be empty: zero cotangents, not read.
 using InnerPtrList = std::vector<uintptr_t>;
 using InnerSizeList = std::vector<int64_t>;
 
