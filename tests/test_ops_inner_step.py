@@ -358,6 +358,9 @@ def test_opcheck():
         torch.library.opcheck(ops.inner_adam_backward,
                               (req(g), req(m), req(v), req(p), req(m), req(v), 2, 1e-3, None,
                                0.9, 0.999, 1e-8))
+        torch.library.opcheck(ops.inner_adam_backward,
+                              (req(g), req(m), req(v), req(p), [], [], 2, 0.0,
+                               lr_t.clone().requires_grad_(), 0.9, 0.999, 1e-8))
 
 
 # ----------------------------------------------------------------------------------
