@@ -18,10 +18,11 @@ steps: unrolls × truncation / time; PES also counts particle-steps), ``speedup`
 plain median / median, and the peak memory one estimate allocates (CUDA:
 ``max_memory_allocated``; CPU: torch's allocations replayed from ``torch.profiler``).
 Tasks: a 1,000-dimensional noisy quadratic and MLPs on scikit-learn's breast-cancer
-data, one hidden layer of 64 (2,114 parameters) and two of 128 (20,738 parameters).
-(Not digits: its constant pixels give exactly-zero gradient columns, on which the
-untrained rule's factored row/column features ``rsqrt(r/vbar)`` reach ~1e15 and the
-first step overflows.) Rows go to a table and to ``bench/results/<device>.csv``.
+data, one ReLU hidden layer of 64 (2,114 parameters) and two tanh layers of 128
+(20,738 parameters). (Not digits, and no wide ReLU layers: constant pixels and
+units dead on a whole batch give exactly-zero gradient rows/columns, on which the
+untrained rule's factored features ``rsqrt(r/vbar)`` reach ~1e15 and its first step
+overflows — every estimate would be non-finite.) Rows go to a table and to ``bench/results/<device>.csv``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def bench_tasks() -> Dict[str, Callable[[], Task]]:
         "quadratic-1k": lambda: QuadraticTask(0, dim=1000, cond=100.0, noise=0.1),
         "mlp64-breast_cancer": lambda: MLPTask("mlp_breast_cancer", 0, "breast_cancer",
                                                hidden=(64,)),
-        "mlp128x2-breast_cancer": lambda: MLPTask("mlp_breast_cancer", 0, "breast_cancer",
-                                                  hidden=(128, 128)),
+        "tanh-mlp128x2-breast_cancer": lambda: MLPTask(
+            "mlp_breast_cancer", 0, "breast_cancer", hidden=(128, 128), activation="tanh"),
     }
 
 
