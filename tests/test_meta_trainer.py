@@ -438,3 +438,21 @@ def test_cli_meta_train_runs_and_resumes(tmp_path, capsys):
     assert cli_main(["meta-train", "--config", str(path)]) == 2
     assert "estimator.truncation: expected an int >= 1" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+def test_validation_split_and_log_loss():
+    import math
+
+    from pyoptk.learned import MLPConfig, init_meta_params
+    from pyoptk.meta.trainer import validation_loss
+    from pyoptk.tasks import get_family
+
+    task = get_family("logreg_wine").sample(0)
+    meta, cfg = init_meta_params(MLPConfig(), 0), MLPConfig()
+    train = validation_loss(task, meta, cfg, 3, torch.device("cpu"), "train")
+    valid = validation_loss(task, meta, cfg, 3, torch.device("cpu"), "valid")
+    assert train != valid
+    assert validation_loss(task, meta, cfg, 3, torch.device("cpu"), "train", True) == \
+        pytest.approx(math.log(train), rel=1e-12)
+    with pytest.raises(ValueError, match="validation.split"):
+        MetaTrainConfig.from_dict({"validation": {"split": "holdout"}})

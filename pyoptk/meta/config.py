@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Mapping, Tuple, Union
 
 from pyoptk.learned.features import FeatureConfig
 from pyoptk.learned.mlp import MLPConfig
+from pyoptk.tasks.base import SPLIT_NAMES
 
 __all__ = [
     "EstimatorConfig", "TasksConfig", "OptimizerConfig", "ValidationConfig",
@@ -132,6 +133,12 @@ class ValidationConfig:
         patience (int, default 0): stop after this many validations without an
             improvement of more than ``min_delta``; 0 never stops early.
         min_delta (float, default 0.0): the improvement that counts.
+        split (str, default "valid"): the data split each task's final loss is scored
+            on. "train" scores optimization itself (what the meta-loss trains for and
+            what ``pyoptk eval`` reports); "valid" scores generalization, which a fast
+            optimizer can lose to overfitting on the small bundled data sets.
+        log_loss (bool, default False): average ``log`` of the final losses, so tasks
+            whose losses differ by orders of magnitude weigh alike.
     """
 
     every: int = 0
@@ -139,6 +146,8 @@ class ValidationConfig:
     horizon: int = 100
     patience: int = 0
     min_delta: float = 0.0
+    split: str = "valid"
+    log_loss: bool = False
 
     _checks = {
         "every": (lambda v: v >= 0, "an int >= 0"),
@@ -146,6 +155,7 @@ class ValidationConfig:
         "horizon": (lambda v: v >= 1, "an int >= 1"),
         "patience": (lambda v: v >= 0, "an int >= 0"),
         "min_delta": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+        "split": (lambda v: v in SPLIT_NAMES, f"one of {list(SPLIT_NAMES)}"),
     }
 
 

@@ -179,9 +179,11 @@ class _LossScaler:
 
 # ---- validation -------------------------------------------------------------------
 def validation_loss(task: Task, meta_params: Mapping[str, Tensor], config, horizon: int,
-                    device: torch.device) -> float:
+                    device: torch.device, split: str = "valid", log_loss: bool = False
+                    ) -> float:
     """The rule trains ``task`` from its own init for ``horizon`` steps; returns the
-    final :meth:`Task.eval_loss` on its "valid" data split (+inf if not finite)."""
+    final :meth:`Task.eval_loss` on data split ``split`` (its log if ``log_loss``;
+    +inf if not finite)."""
     params = task.init_params(device=device)
     names = list(params)
     plist = list(params.values())
@@ -195,8 +197,10 @@ def validation_loss(task: Task, meta_params: Mapping[str, Tensor], config, horiz
         with torch.no_grad():
             plist, state = update(plist, grads, state, meta_params, config)
     with torch.no_grad():
-        final = float(task.eval_loss(OrderedDict(zip(names, plist)), "valid", device=device))
-    return final if math.isfinite(final) else math.inf
+        final = float(task.eval_loss(OrderedDict(zip(names, plist)), split, device=device))
+    if not math.isfinite(final):
+        return math.inf
+    return math.log(max(final, 1e-30)) if log_loss else final
 
 
 # ---- the trainer ------------------------------------------------------------------
@@ -423,8 +427,9 @@ class MetaTrainer:
         """Mean validation loss of the current rule (see the module docstring); the
         tasks are split across ranks and the losses gathered, averaged in task order."""
         meta = OrderedDict((k, v.detach()) for k, v in self.rule.meta_params().items())
-        mine = {i: validation_loss(t, meta, self.config.rule, self.config.validation.horizon,
-                                   self.device)
+        vc = self.config.validation
+        mine = {i: validation_loss(t, meta, self.config.rule, vc.horizon, self.device,
+                                   vc.split, vc.log_loss)
                 for i, t in enumerate(self.valid_tasks) if i % self.world == self.rank}
         losses: Dict[int, float] = {}
         for part in self._all_gather_objects(mine):
