@@ -1,6 +1,7 @@
 """``pyoptk demo`` (and ``make demo``): train a small network on scikit-learn's bundled
-digits with torch's AdamW and pyoptk's AdamW, LAMB and Lookahead(AdamW); print a table
-(final loss, test accuracy, time) and save a loss-curve plot.
+digits with torch's AdamW and pyoptk's AdamW, LAMB, Lookahead(AdamW) and the shipped
+meta-trained learned optimizer (``MLPOptimizer.from_pretrained("mlp-small")``); print a
+table (final loss, test accuracy, time) and save a loss-curve plot.
 
 Everything is seeded, so each optimizer sees the same initial weights and batches.
 """
@@ -44,6 +45,9 @@ def optimizers(lr: float) -> Dict[str, Callable]:
         "pyoptk LAMB": lambda ps: pyoptk.optim.LAMB(ps, lr=lr * 10, weight_decay=0.01),
         "pyoptk Lookahead(AdamW)": lambda ps: pyoptk.optim.Lookahead(
             pyoptk.optim.AdamW(ps, lr=lr), k=5, alpha=0.5),
+        # learned: no learning rate to pick (lr_mult=1 is what it was meta-trained with)
+        "pyoptk MLPOptimizer (mlp-small)": lambda ps: pyoptk.optim.MLPOptimizer.from_pretrained(
+            "mlp-small", ps),
     }
 
 
@@ -96,10 +100,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         train(make, data, 1, args.batch, args.seed)
         results[name] = train(make, data, args.epochs, args.batch, args.seed)
 
-    header = f"{'optimizer':<26}{'final train loss':>18}{'test accuracy':>15}{'train time (s)':>16}"
+    header = f"{'optimizer':<34}{'final train loss':>18}{'test accuracy':>15}{'train time (s)':>16}"
     print("\n" + header + "\n" + "-" * len(header))
     for name, (_, loss, acc, sec) in results.items():
-        print(f"{name:<26}{loss:>18.4f}{acc:>15.2%}{sec:>16.2f}")
+        print(f"{name:<34}{loss:>18.4f}{acc:>15.2%}{sec:>16.2f}")
     print("train time: wall time on CPU of the timed epochs (forward, backward and step)")
 
     import matplotlib
@@ -118,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (10-step mean)")
-    ax.set_title("digits MLP: torch AdamW vs pyoptk optimizers")
+    ax.set_title("digits MLP: torch AdamW vs pyoptk optimizers (a learned one included)")
     ax.legend()
     fig.tight_layout()
     path = os.path.join(args.out, "loss_curves.png")

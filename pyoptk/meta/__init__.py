@@ -1,5 +1,11 @@
-"""Meta-training: outer-loop gradient estimators over truncated unrolls (see
-``docs/meta.md``)."""
+"""Meta-training and evaluation of learned optimizers.
+
+* estimators over truncated unrolls — TBPTT, antithetic ES, PES (``docs/meta.md``);
+* the :class:`MetaTrainer` with its config, checkpoints, AMP and torch.distributed
+  (``docs/meta-training.md``; ``pyoptk meta-train``);
+* :mod:`pyoptk.meta.evaluation` — optimizers on task splits against AdamW at default
+  and tuned lr (``pyoptk eval``, ``pyoptk compare``).
+"""
 
 # --- estimators (TBPTT, ES, PES) ---
 from pyoptk.meta.estimator import (
@@ -23,3 +29,8 @@ __all__ += [
     "MetaTrainConfig", "MetaTrainer", "MetaTrainResult", "build_estimator",
     "CheckpointError", "save_checkpoint", "load_checkpoint",
 ]
+
+# --- evaluation ---
+from pyoptk.meta.evaluation import EvalReport, evaluate, resolve_optimizer, train_task
+
+__all__ += ["EvalReport", "evaluate", "resolve_optimizer", "train_task"]
