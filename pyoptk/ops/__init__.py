@@ -6,6 +6,7 @@ from pyoptk.ops.adamw import AdamWHyper, adamw_, adamw_reference
 from pyoptk.ops.centralize import centralize_gradients_, centralize_reference
 from pyoptk.ops.grad_norm import (
     clip_grad_norm_, clip_grad_norm_reference, grad_norm, grad_norm_reference)
+from pyoptk.ops.inner_step import inner_adam, inner_metasgd, inner_sgd
 from pyoptk.ops.lamb import LambHyper, lamb_, lamb_reference
 from pyoptk.ops.mlp_step import mlp_step
 from pyoptk.ops.mlp_update import (
@@ -16,5 +17,5 @@ __all__ = [
     "adamw_reference", "lamb_reference", "clip_grad_norm_reference", "grad_norm_reference",
     "centralize_reference", "AdamWHyper", "LambHyper",
     "mlp_update_", "mlp_update_functional", "mlp_update_reference", "MLPUpdateHyper",
-    "mlp_step",
+    "mlp_step", "inner_sgd", "inner_metasgd", "inner_adam",
 ]
