@@ -254,20 +254,24 @@ def test_bad_inputs():
 
 
 def test_maml_digits_5way_1shot_beats_chance():
-    """Seeded: a small MLP meta-trained 60 iterations on classes 0-4 reaches well above
-    chance (20%) on 5-way 1-shot episodes of the unseen classes 5-9."""
+    """Seeded: a small MLP meta-trained 40 iterations on classes 0-4 lowers the held-out
+    query loss and reaches well above chance (20%) on 5-way 1-shot episodes of the
+    unseen classes 5-9."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
-    maml = MAML(model, F.cross_entropy, inner_steps=3, inner_lr=0.5, first_order=False)
+    maml = MAML(model, F.cross_entropy, inner_steps=3, inner_lr=0.5)
     opt = torch.optim.Adam(maml.parameters(), lr=3e-3)
     train = DigitsEpisodes("train", 5, 1, 5, seed=0)
-    for it in range(60):
+    test = DigitsEpisodes("test", 5, 1, 10, seed=0).batch(0, 40)
+    with torch.no_grad():
+        before = maml.meta_loss(test)
+    for it in range(40):
         loss = maml.meta_loss(train.batch(it, 8))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    test = DigitsEpisodes("test", 5, 1, 10, seed=0).batch(0, 40)
     with torch.no_grad():
-        _, out = maml.meta_loss(test, return_outputs=True)
+        after, out = maml.meta_loss(test, return_outputs=True)
     acc = (out.argmax(-1) == test.query_y).float().mean().item()
+    assert after < 0.9 * before, (before.item(), after.item())
     assert acc > 0.5, f"5-way 1-shot accuracy {acc:.3f} on held-out digits"
