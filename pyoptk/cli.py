@@ -4,6 +4,7 @@
     pyoptk demo [--out DIR]     digits: torch AdamW vs pyoptk AdamW / LAMB / Lookahead
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
     pyoptk bench learned [...]  learned-optimizer step, memory and meta-gradient costs
+    pyoptk bench maml [...]     MAML meta-gradient time and memory vs higher / autograd
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def _demo(argv: List[str]) -> int:
 
 
 def _bench(argv: List[str]) -> int:
-    suites = {"optim": "pyoptk.bench.optim", "learned": "pyoptk.bench.learned"}
+    suites = {"optim": "pyoptk.bench.optim", "learned": "pyoptk.bench.learned",
+              "maml": "pyoptk.bench.maml"}
     if not argv or argv[0] not in suites:
         print(f"usage: pyoptk bench {{{','.join(suites)}}} [options]", file=sys.stderr)
         return 2
