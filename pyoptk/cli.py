@@ -5,6 +5,7 @@
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
     pyoptk bench learned [...]  learned-optimizer step, memory and meta-gradient costs
     pyoptk bench maml [...]     MAML meta-gradient time and memory vs higher / autograd
+    pyoptk meta-init train|finetune [...]   meta-learned initialization (MAML/Reptile)
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ def _bench(argv: List[str]) -> int:
     return importlib.import_module(suites[argv[0]]).main(argv[1:])
 
 
-COMMANDS = {"info": _info, "demo": _demo, "bench": _bench}
+def _meta_init(argv: List[str]) -> int:
+    from pyoptk.meta.universal_init import main
+
+    return main(argv)
+
+
+COMMANDS = {"info": _info, "demo": _demo, "bench": _bench, "meta-init": _meta_init}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
