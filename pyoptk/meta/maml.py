@@ -47,11 +47,24 @@ from torch.func import functional_call, vmap
 
 from pyoptk.ops.inner_step import inner_adam, inner_metasgd, inner_sgd
 
-__all__ = ["MAML"]
+__all__ = ["MAML", "shard_meta_batch"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 _OPTIMIZERS = ("sgd", "adam")
 _HVP = ("exact", "finite_difference")
+
+
+def shard_meta_batch(batch, rank: int, world_size: int):
+    """This rank's contiguous share of a meta-batch (every field sliced along the task
+    dimension), for data-parallel meta-training: ``T`` must divide by ``world_size`` so
+    that the mean of the ranks' meta-losses is the full meta-batch's."""
+    T = int(batch[0].shape[0])
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_meta_batch: rank {rank} out of range for world_size {world_size}")
+    if T % world_size:
+        raise ValueError(f"shard_meta_batch: {T} tasks do not split evenly over {world_size} ranks")
+    n = T // world_size
+    return type(batch)(*(t[rank * n:(rank + 1) * n] for t in batch))
 
 
 def _resolve_adapted(model: nn.Module, adapt: Optional[Sequence[str]]) -> List[str]:
@@ -243,6 +256,11 @@ class MAML(nn.Module):
         return dict(zip(self.adapted_names, theta))
 
     # ------------------------------------------------------------------ outer loss
+    def forward(self, batch) -> Tensor:
+        """:meth:`meta_loss` — so ``DistributedDataParallel(maml)(shard)`` all-reduces
+        the meta-gradient across ranks (see :func:`shard_meta_batch`)."""
+        return self.meta_loss(batch)
+
     def meta_loss(self, batch, *, return_outputs: bool = False):
         """The meta-loss: the mean over tasks of the query loss after adaptation.
 
