@@ -222,6 +222,29 @@ def test_adapt_without_grad_is_detached_and_equal():
         torch.testing.assert_close(a[n], b[n].detach(), rtol=0, atol=0)
 
 
+def test_torch_compile_gives_the_same_meta_gradient():
+    """Compiling the caller (or the model) must not drop the second-order term."""
+    model, batch = sine_model(), sine_batch()
+    maml = MAML(model, F.mse_loss, inner_steps=2, inner_lr=LR)
+    params = list(model.parameters())
+    want = torch.autograd.grad(maml.meta_loss(batch), params)
+    assert_grads_close(torch.autograd.grad(torch.compile(maml.meta_loss)(batch), params), want, 0)
+    compiled_model = MAML(torch.compile(model), F.mse_loss, inner_steps=2, inner_lr=LR)
+    assert_grads_close(torch.autograd.grad(compiled_model.meta_loss(batch), params), want)
+
+
+def test_mixed_precision_meta_gradient_is_close():
+    model, batch = sine_model().float(), sine_batch().to(dtype=torch.float32)
+    maml = MAML(model, F.mse_loss, inner_steps=2, inner_lr=LR)
+    params = list(model.parameters())
+    want = torch.autograd.grad(maml.meta_loss(batch), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = maml.meta_loss(batch)
+    got = torch.autograd.grad(loss, params)
+    assert all(g.dtype == torch.float32 for g in got)
+    assert_grads_close(got, want, 5e-2)
+
+
 def test_reptile_update_matches_formula():
     model, batch = sine_model(), sine_batch()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

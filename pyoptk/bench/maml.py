@@ -2,11 +2,13 @@
 
 For each problem and each number of inner SGD steps (1, 5, 10 by default), one
 meta-batch's meta-gradient (forward through the inner loop, backward into the
-initialization) is computed three ways on the same data, timed round-robin in one run:
+initialization) is computed four ways on the same data, timed round-robin in one run:
 
 * ``pyoptk MAML`` — :class:`pyoptk.meta.maml.MAML`: all tasks at once (``torch.func.vmap``
   forward over tasks, one batched second-order backward, the fused ``inner_sgd`` op with
   its fused backward per task batch);
+* ``pyoptk MAML (task loop)`` — the same with ``batched=False``: a Python loop over
+  tasks instead of vmap (less memory for CNNs, whose vmapped convolutions copy inputs);
 * ``torch.autograd unrolled`` — the plain reference a user writes: per task,
   ``functional_call`` + ``torch.autograd.grad(create_graph=True)`` + ``p - lr * g``;
 * ``higher`` — ``higher.innerloop_ctx`` with a differentiable SGD, per task.
@@ -39,7 +41,8 @@ from pyoptk.meta.protonets import ProtoNet
 from pyoptk.tasks.fewshot import DigitsEpisodes, Episode
 from pyoptk.tasks.sinusoid import SinusoidEpisodes
 
-PYOPTK, AUTOGRAD, HIGHER = "pyoptk MAML", "torch.autograd unrolled", "higher"
+PYOPTK, PYOPTK_LOOP = "pyoptk MAML", "pyoptk MAML (task loop)"
+AUTOGRAD, HIGHER = "torch.autograd unrolled", "higher"
 CSV_EXTRA = ["problem", "inner_steps", "meta_batch", "rel_err", "peak_MB", "peak_method",
              "mem_ratio", "accuracy", "note"]
 
@@ -110,7 +113,9 @@ def pyoptk_meta_grad(maml: MAML, batch: Episode) -> List[Tensor]:
 def candidates(model: nn.Module, loss_fn, batch: Episode, steps: int, lr: float
                ) -> Dict[str, Callable[[], List[Tensor]]]:
     maml = MAML(model, loss_fn, inner_steps=steps, inner_lr=lr)
+    loop = MAML(model, loss_fn, inner_steps=steps, inner_lr=lr, batched=False)
     out = {PYOPTK: lambda: pyoptk_meta_grad(maml, batch),
+           PYOPTK_LOOP: lambda: pyoptk_meta_grad(loop, batch),
            AUTOGRAD: lambda: autograd_meta_grad(model, loss_fn, batch, steps, lr)}
     try:
         import higher  # noqa: F401

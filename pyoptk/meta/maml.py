@@ -221,6 +221,7 @@ class MAML(nn.Module):
         return losses, [torch.zeros_like(t) if g is None else g.contiguous()
                         for t, g in zip(theta, grads)]
 
+    @torch.compiler.disable
     def adapt(self, support_x: Tensor, support_y: Tensor, *,
               create_graph: Optional[bool] = None) -> Dict[str, Tensor]:
         """The adapted parameters ``{name: [T, *shape]}`` after ``inner_steps`` steps on
@@ -228,7 +229,12 @@ class MAML(nn.Module):
 
         ``create_graph`` (default: ``not first_order`` when grad mode is on) keeps the
         graph of the inner gradients for the second-order meta-gradient. With grad mode
-        off (``torch.no_grad()``, evaluation) the result is detached."""
+        off (``torch.no_grad()``, evaluation) the result is detached.
+
+        Runs eagerly under ``torch.compile`` (``torch.compiler.disable``): a compiled
+        region's backward is not differentiable again, so compiling the inner loop
+        silently drops the second-order term (measured: a wrong meta-gradient). A
+        ``torch.compile``'d ``model`` gives the same meta-gradient (tested)."""
         T = self._check_batch(support_x, support_y, "support")
         track = torch.is_grad_enabled()
         if create_graph is None:
@@ -261,6 +267,7 @@ class MAML(nn.Module):
         the meta-gradient across ranks (see :func:`shard_meta_batch`)."""
         return self.meta_loss(batch)
 
+    @torch.compiler.disable
     def meta_loss(self, batch, *, return_outputs: bool = False):
         """The meta-loss: the mean over tasks of the query loss after adaptation.
 
@@ -268,7 +275,8 @@ class MAML(nn.Module):
         ``support_x, support_y, query_x, query_y`` with a leading task dimension ``T``).
         ``meta_loss(batch).backward()`` puts the meta-gradient in ``.grad`` of
         :meth:`parameters`. ``return_outputs=True`` also returns the query outputs
-        ``[T, n_query, ...]`` (e.g. for accuracy).
+        ``[T, n_query, ...]`` (e.g. for accuracy). Runs eagerly under ``torch.compile``
+        (see :meth:`adapt`), so a compiled caller gets the same meta-gradient.
 
         With ``hvp="finite_difference"`` the backward replaces each Hessian–vector
         product ``H w`` of the exact meta-gradient by the central difference
