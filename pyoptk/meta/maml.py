@@ -103,8 +103,8 @@ class MAML(nn.Module):
         adam_betas, adam_eps: the inner Adam's hyperparameters.
         batched (bool): vmap the forward over tasks (default True).
         hvp (str): ``"exact"`` (default) or ``"finite_difference"`` (see :meth:`meta_loss`).
-        fd_eps (float): the finite-difference step, relative (default 1e-4 in float64
-            terms; use ~1e-2 in float32).
+        fd_eps (float): the finite-difference step ``r·‖w‖`` (default 1e-4, for float64;
+            use ~1e-3 in float32, see docs/maml.md).
 
     ``MAML(...).parameters()`` are the meta-parameters: the model's, and ``α`` under
     MetaSGD (:attr:`inner_lrs`).
@@ -284,8 +284,8 @@ class MAML(nn.Module):
         graph is stored (memory of the ``K`` parameter vectors), each inner step's
         backward costs two gradient evaluations, and the error is ``O(r²)`` — ``r²/6``
         times the third derivative of the support loss along ``w`` (≈1e-8 relative in
-        float64 with the default ``fd_eps``, tested; in float32 rounding dominates below
-        ``fd_eps`` ≈ 1e-2).
+        float64 with the default ``fd_eps``, tested; in float32 ``fd_eps`` ≈ 1e-3 is best,
+        ≈5e-6, and rounding dominates below it).
         """
         sx, sy, qx, qy = batch
         self._check_batch(sx, sy, "support")
