@@ -213,6 +213,27 @@ def test_finite_difference_hvp_matches_exact(kw):
                        torch.autograd.grad(exact.meta_loss(batch), params), 1e-7)
 
 
+@pytest.mark.parametrize("kw", [{}, {"learn_inner_lr": True}, {"inner_optimizer": "adam"}],
+                         ids=["maml", "metasgd", "adam"])
+def test_checkpointed_inner_loop_is_exact_and_smaller(kw):
+    from pyoptk.bench.harness import peak_memory
+
+    model, batch = sine_model(), SinusoidEpisodes(10, 10, seed=1).batch(0, 8).to(dtype=torch.float64)
+    plain = MAML(model, F.mse_loss, inner_steps=6, inner_lr=LR, **kw)
+    ck = MAML(model, F.mse_loss, inner_steps=6, inner_lr=LR, checkpoint_inner=True, **kw)
+    ck.inner_lrs = plain.inner_lrs
+    params = list(plain.parameters())
+    assert_grads_close(torch.autograd.grad(ck.meta_loss(batch), params),
+                       torch.autograd.grad(plain.meta_loss(batch), params), 1e-12)
+    if not kw:
+        cpu = torch.device("cpu")
+        full, how = peak_memory(lambda: torch.autograd.grad(plain.meta_loss(batch), params), cpu)
+        if full < 0:
+            pytest.skip(how)
+        small, _ = peak_memory(lambda: torch.autograd.grad(ck.meta_loss(batch), params), cpu)
+        assert small < 0.8 * full, (small, full)
+
+
 def test_adapt_without_grad_is_detached_and_equal():
     model, batch = sine_model(), sine_batch()
     maml = MAML(model, F.mse_loss, inner_steps=STEPS, inner_lr=LR)

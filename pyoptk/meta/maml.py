@@ -32,7 +32,9 @@ when the model's forward cannot be vmapped, e.g. batch norm updating running sta
 **Memory.** The exact meta-gradient keeps every inner step's graph: memory grows
 linearly in ``inner_steps`` (activations of ``T`` support forwards and their
 double-backward per step). Bounded alternatives: ``first_order=True`` (memory of one
-step, no second-order term), and ``hvp="finite_difference"`` (no inner graph: only the ``K``
+step, no second-order term); ``checkpoint_inner=True`` (exact: each inner step is a
+``torch.utils.checkpoint`` segment, only its input parameters are kept and its graph is
+recomputed in the backward — one extra support forward + gradient per step); and ``hvp="finite_difference"`` (no inner graph: only the ``K``
 adapted parameter vectors and gradients are kept, and each inner step's backward costs
 two extra gradient evaluations; see :meth:`MAML.meta_loss` for its error).
 """
@@ -44,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.utils.checkpoint import checkpoint
 
 from pyoptk.ops.inner_step import inner_adam, inner_metasgd, inner_sgd
 
@@ -103,6 +106,8 @@ class MAML(nn.Module):
         adam_betas, adam_eps: the inner Adam's hyperparameters.
         batched (bool): vmap the forward over tasks (default True).
         hvp (str): ``"exact"`` (default) or ``"finite_difference"`` (see :meth:`meta_loss`).
+        checkpoint_inner (bool): gradient checkpointing of the inner loop (default False;
+            see the module docstring).
         fd_eps (float): the finite-difference step ``r·‖w‖`` (default 1e-4, for float64;
             use ~1e-3 in float32, see docs/maml.md).
 
@@ -115,7 +120,7 @@ class MAML(nn.Module):
                  learn_inner_lr: bool = False, adapt: Optional[Sequence[str]] = None,
                  inner_optimizer: str = "sgd", adam_betas: Tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, batched: bool = True, hvp: str = "exact",
-                 fd_eps: float = 1e-4):
+                 checkpoint_inner: bool = False, fd_eps: float = 1e-4):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML: model must be an nn.Module, got {type(model).__name__}")
@@ -147,6 +152,7 @@ class MAML(nn.Module):
         self.adam_eps = float(adam_eps)
         self.batched = bool(batched)
         self.hvp = hvp
+        self.checkpoint_inner = bool(checkpoint_inner)
         self.fd_eps = float(fd_eps)
         self.adapted_names: List[str] = _resolve_adapted(model, adapt)
         params = dict(model.named_parameters())
@@ -244,17 +250,29 @@ class MAML(nn.Module):
             if not track:
                 theta = [t.detach().requires_grad_() for t in theta]
             lrs = self._lrs(T)
-            m = [torch.zeros_like(t) for t in theta]
-            v = [torch.zeros_like(t) for t in theta]
-            for k in range(self.inner_steps):
-                _, grads = self.inner_grads(theta, support_x, support_y, create_graph)
+            n = len(theta)
+            # Adam's moments (m then v) travel with the parameters through each step.
+            state = ([torch.zeros_like(t) for t in theta + theta]
+                     if self.inner_optimizer == "adam" else [])
+
+            def step(k: int, *flat: Tensor) -> Tuple[Tensor, ...]:
+                th, m, v = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
+                _, grads = self.inner_grads(th, support_x, support_y, create_graph)
                 if self.inner_optimizer == "adam":
-                    theta, m, v = inner_adam(theta, grads, m, v, k + 1, self.inner_lr,
-                                             self.adam_betas[0], self.adam_betas[1], self.adam_eps)
+                    th, m, v = inner_adam(th, grads, m, v, k + 1, self.inner_lr,
+                                          self.adam_betas[0], self.adam_betas[1], self.adam_eps)
                 elif lrs is not None:
-                    theta = inner_metasgd(theta, grads, lrs)
+                    th = inner_metasgd(th, grads, lrs)
                 else:
-                    theta = inner_sgd(theta, grads, self.inner_lr)
+                    th = inner_sgd(th, grads, self.inner_lr)
+                return tuple(th + m + v)
+
+            for k in range(self.inner_steps):
+                if self.checkpoint_inner and create_graph:
+                    flat = checkpoint(step, k, *theta, *state, use_reentrant=False)
+                else:
+                    flat = step(k, *theta, *state)
+                theta, state = list(flat[:n]), list(flat[n:])
                 if not track:
                     theta = [t.detach().requires_grad_() for t in theta]
         if not track:
