@@ -25,7 +25,8 @@ def test_digits_episode_shapes_and_labels():
     assert ep.support_x.shape == (10, 1, 8, 8) and ep.query_x.shape == (15, 1, 8, 8)
     assert ep.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert ep.query_y.tolist() == sum([[c] * 3 for c in range(5)], [])
-    assert ep.support_x.dtype == torch.float32 and 0 <= ep.support_x.min() <= ep.support_x.max() <= 1
+    assert ep.support_x.dtype == torch.float32
+    assert 0 <= ep.support_x.min() <= ep.support_x.max() <= 1
     flat = DigitsEpisodes("train", 5, 2, 3, seed=0, flatten=True).episode(7)
     assert torch.equal(flat.support_x, ep.support_x.flatten(1))
 
@@ -36,7 +37,8 @@ def test_digits_deterministic_and_varied():
     for i in range(3):
         assert all(torch.equal(u, v) for u, v in zip(a.episode(i), b.episode(i)))
     assert not torch.equal(a.episode(0).support_x, a.episode(1).support_x)
-    assert not torch.equal(a.episode(0).support_x, DigitsEpisodes("test", 5, 1, 5, seed=4).episode(0).support_x)
+    other_seed = DigitsEpisodes("test", 5, 1, 5, seed=4)
+    assert not torch.equal(a.episode(0).support_x, other_seed.episode(0).support_x)
 
 
 def _class_of(img, x, y):
@@ -71,14 +73,16 @@ def test_batch_stacks_consecutive_episodes():
 def test_digits_bad_input():
     with pytest.raises(ValueError, match="n_way=6 but split 'train' has only 5"):
         DigitsEpisodes("train", n_way=6)
-    with pytest.raises(ValueError, match="k_shot \\+ n_query = 30 \\+ 20 exceeds the smallest class"):
+    with pytest.raises(ValueError,
+                       match="k_shot \\+ n_query = 30 \\+ 20 exceeds the smallest class"):
         DigitsEpisodes("valid", 5, 30, 20)
     with pytest.raises(ValueError, match="split must be one of"):
         DigitsEpisodes("meta-test")
     with pytest.raises(ValueError, match="k_shot must be a positive int"):
         DigitsEpisodes("train", 5, 0)
     with pytest.raises(ValueError, match="different shapes"):
-        stack_episodes([DigitsEpisodes("train", 5, 1, 2).episode(0), DigitsEpisodes("train", 5, 2, 2).episode(0)])
+        stack_episodes([DigitsEpisodes("train", 5, 1, 2).episode(0),
+                        DigitsEpisodes("train", 5, 2, 2).episode(0)])
 
 
 def test_sinusoid_episode():

@@ -218,7 +218,8 @@ def test_finite_difference_hvp_matches_exact(kw):
 def test_checkpointed_inner_loop_is_exact_and_smaller(kw):
     from pyoptk.bench.harness import peak_memory
 
-    model, batch = sine_model(), SinusoidEpisodes(10, 10, seed=1).batch(0, 8).to(dtype=torch.float64)
+    model = sine_model()
+    batch = SinusoidEpisodes(10, 10, seed=1).batch(0, 8).to(dtype=torch.float64)
     plain = MAML(model, F.mse_loss, inner_steps=6, inner_lr=LR, **kw)
     ck = MAML(model, F.mse_loss, inner_steps=6, inner_lr=LR, checkpoint_inner=True, **kw)
     ck.inner_lrs = plain.inner_lrs
@@ -330,7 +331,8 @@ def test_bad_inputs():
         Reptile(model, F.mse_loss, outer_lr=2.0)
     maml = MAML(model, F.mse_loss)
     b = sine_batch()
-    with pytest.raises(ValueError, match=r"support_x \(3, 5, 1\) and support_y \(3, 4, 1\) must agree"):
+    with pytest.raises(ValueError,
+                       match=r"support_x \(3, 5, 1\) and support_y \(3, 4, 1\) must agree"):
         maml.meta_loss((b.support_x, b.support_y[:, :4], b.query_x, b.query_y))
     with pytest.raises(ValueError, match="support has 3 tasks but query has 2"):
         maml.meta_loss((b.support_x, b.support_y, b.query_x[:2], b.query_y[:2]))

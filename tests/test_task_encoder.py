@@ -64,8 +64,8 @@ def test_hybrid_refinement_is_differentiable_and_lowers_support_loss():
     assert z.requires_grad and not torch.equal(z, z0)
     loss = lambda zz: per_task_mse(model.decoder(b.support_x, zz), b.support_y).sum()  # noqa: E731
     assert loss(z) < loss(z0)
-    g = torch.autograd.grad(z.sum(), list(model.encoder.parameters()) + list(model.decoder.parameters()),
-                            allow_unused=True)
+    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    g = torch.autograd.grad(z.sum(), params, allow_unused=True)
     assert all(gi is not None for gi in g[-2:]), "the decoder gets gradients through the refinement"
 
 

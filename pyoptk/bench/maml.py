@@ -61,7 +61,8 @@ def sine_mlp() -> nn.Module:
 def problem(name: str, meta_batch: int) -> Tuple[Callable[[], nn.Module], Callable, Episode, float]:
     """``(model factory, loss_fn, batched episode, inner lr)`` of a benchmark problem."""
     if name == "cnn-digits":
-        return cnn, F.cross_entropy, DigitsEpisodes("train", 5, 1, 15, seed=0).batch(0, meta_batch), 0.4
+        episodes = DigitsEpisodes("train", 5, 1, 15, seed=0)
+        return cnn, F.cross_entropy, episodes.batch(0, meta_batch), 0.4
     if name == "sinusoid-mlp":
         return sine_mlp, F.mse_loss, SinusoidEpisodes(10, 10, seed=0).batch(0, meta_batch), 0.01
     raise ValueError(f"unknown problem {name!r}; known: {PROBLEMS}")

@@ -34,9 +34,10 @@ linearly in ``inner_steps`` (activations of ``T`` support forwards and their
 double-backward per step). Bounded alternatives: ``first_order=True`` (memory of one
 step, no second-order term); ``checkpoint_inner=True`` (exact: each inner step is a
 ``torch.utils.checkpoint`` segment, only its input parameters are kept and its graph is
-recomputed in the backward — one extra support forward + gradient per step); and ``hvp="finite_difference"`` (no inner graph: only the ``K``
-adapted parameter vectors and gradients are kept, and each inner step's backward costs
-two extra gradient evaluations; see :meth:`MAML.meta_loss` for its error).
+recomputed in the backward — one extra support forward + gradient per step); and
+``hvp="finite_difference"`` (no inner graph: only the ``K`` adapted parameter vectors
+and gradients are kept, and each inner step's backward costs two extra gradient
+evaluations; see :meth:`MAML.meta_loss` for its error).
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ class MAML(nn.Module):
             raise TypeError(f"MAML: {what}_x and {what}_y must be tensors")
         if x.dim() < 2 or y.dim() < 1:
             raise ValueError(f"MAML: {what}_x must be [T, n, ...] and {what}_y [T, n, ...] "
-                             f"(a leading task dimension); got {tuple(x.shape)} and {tuple(y.shape)}")
+                             f"(a leading task dimension); got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
         if x.shape[:2] != y.shape[:2]:
             raise ValueError(f"MAML: {what}_x {tuple(x.shape)} and {what}_y {tuple(y.shape)} "
                              "must agree in the task and example dimensions [T, n]")
@@ -324,7 +326,8 @@ class MAML(nn.Module):
             if self.batched:
                 loss = vmap(self.loss_fn)(out, qy).mean()
             else:
-                loss = torch.stack([self.loss_fn(out[t], qy[t]) for t in range(out.shape[0])]).mean()
+                loss = torch.stack([self.loss_fn(out[t], qy[t])
+                                    for t in range(out.shape[0])]).mean()
         return (loss, out) if return_outputs else loss
 
 

@@ -65,7 +65,8 @@ class TaskEncoder(nn.Module):
         self.rho = _mlp([hidden, hidden, 2 * z_dim if variational else z_dim])
 
     def forward(self, support_x: Tensor, support_y: Tensor):
-        if support_x.dim() != 3 or support_y.dim() != 3 or support_x.shape[:2] != support_y.shape[:2]:
+        if (support_x.dim() != 3 or support_y.dim() != 3
+                or support_x.shape[:2] != support_y.shape[:2]):
             raise ValueError(f"TaskEncoder: support_x must be [T, S, {self.x_dim}] and support_y "
                              f"[T, S, {self.y_dim}]; got {tuple(support_x.shape)} and "
                              f"{tuple(support_y.shape)}")
@@ -109,7 +110,8 @@ class AmortizedLearner(nn.Module):
         if mode not in _MODES:
             raise ValueError(f"AmortizedLearner: mode must be one of {_MODES}, got {mode!r}")
         if mode == "hybrid" and (not isinstance(inner_steps, int) or inner_steps < 1):
-            raise ValueError(f"AmortizedLearner: inner_steps must be an int >= 1, got {inner_steps!r}")
+            raise ValueError(f"AmortizedLearner: inner_steps must be an int >= 1, "
+                             f"got {inner_steps!r}")
         if not inner_lr > 0:
             raise ValueError(f"AmortizedLearner: inner_lr must be > 0, got {inner_lr!r}")
         if not recon_weight > 0:
