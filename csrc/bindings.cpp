@@ -13,6 +13,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -22,6 +23,7 @@
 
 #include "pyoptk/api.h"
 #include "pyoptk/common.h"
+#include "pyoptk/inner_step_math.h"
 #include "pyoptk/mlp_step_grad_math.h"
 
 namespace py = pybind11;
@@ -337,6 +339,22 @@ py::dict build_info() {
   d["chunk_size"] = pyoptk::kChunkSize;
   d["cpu_isa"] = std::string(pyoptk::cpu_loop_isa());
   return d;
+}
+
+// inner_* (differentiable inner steps): every pointer list one entry per tensor (or, for
+// the optional lists, empty), non-null where the tensor has elements.
+void check_inner(const char* fn, const SizeList& numels,
+                 std::initializer_list<std::pair<const char*, const PtrList*>> lists,
+                 std::initializer_list<std::pair<const char*, const PtrList*>> optional = {}) {
+  check_numels(fn, numels);
+  for (const auto& l : lists) check_ptrs(fn, l.first, *l.second, numels);
+  for (const auto& l : optional) {
+    if (!l.second->empty()) check_ptrs(fn, l.first, *l.second, numels);
+  }
+}
+
+void check_inner_adam_cfg(const char* fn, const pyoptk::InnerStepConfig& cfg) {
+  if (cfg.step < 1) bad(fn, "cfg.step must be >= 1, got " + std::to_string(cfg.step));
 }
 
 }  // namespace
@@ -726,4 +744,205 @@ PYBIND11_MODULE(_C, m) {
       py::arg("d_lr"), py::arg("cfg"), py::arg("double_precision"),
       "Input gradients of the learned-MLP step from its output cotangents (CPU, float32 or "
       "float64; recomputes the forward, three passes, deterministic).");
+  // ---- differentiable inner steps (MAML family) ---------------------------------------
+  using pyoptk::InnerStepConfig;
+  py::class_<InnerStepConfig>(m, "InnerStepConfig",
+                              "Hyperparameters of one inner_sgd / inner_adam call.")
+      .def(py::init([](double lr, uintptr_t lr_ptr, double beta1, double beta2, double eps,
+                       int64_t step) {
+             InnerStepConfig c;
+             c.lr = lr;
+             c.lr_ptr = lr_ptr;
+             c.beta1 = beta1;
+             c.beta2 = beta2;
+             c.eps = eps;
+             c.step = step;
+             return c;
+           }),
+           py::kw_only(), py::arg("lr") = 0.0, py::arg("lr_ptr") = 0, py::arg("beta1") = 0.9,
+           py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("step") = 1)
+      .def_readwrite("lr", &InnerStepConfig::lr)
+      .def_readwrite("lr_ptr", &InnerStepConfig::lr_ptr)
+      .def_readwrite("beta1", &InnerStepConfig::beta1)
+      .def_readwrite("beta2", &InnerStepConfig::beta2)
+      .def_readwrite("eps", &InnerStepConfig::eps)
+      .def_readwrite("step", &InnerStepConfig::step)
+      .def("__repr__", [](const InnerStepConfig& c) {
+        return "InnerStepConfig(lr=" + fmt(c.lr) + ", lr_ptr=" + std::to_string(c.lr_ptr) +
+               ", beta1=" + fmt(c.beta1) + ", beta2=" + fmt(c.beta2) + ", eps=" + fmt(c.eps) +
+               ", step=" + std::to_string(c.step) + ")";
+      });
+  m.def("inner_step_num_chunks", [](const SizeList& numels) {
+    check_numels("inner_step_num_chunks", numels);
+    return pyoptk::inner_step_num_chunks(numels);
+  }, py::arg("numels"), "Chunks (partials slots) of a call over tensors of these sizes.");
+
+  m.def(
+      "inner_sgd_cpu",
+      [](const PtrList& params, const PtrList& grads, const PtrList& lrs, const PtrList& out,
+         const SizeList& numels, bool f64, const InnerStepConfig& cfg) {
+        check_inner("inner_sgd_cpu", numels, {{"params", &params}, {"grads", &grads},
+                    {"out", &out}}, {{"lrs", &lrs}});
+        py::gil_scoped_release nogil;
+        pyoptk::inner_sgd_cpu(params, grads, lrs, out, numels, f64, cfg);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("lrs"), py::arg("out"), py::arg("numels"),
+      py::arg("f64"), py::arg("cfg"),
+      "out = params - lr*grads (lrs empty) or params - lrs*grads (MetaSGD), CPU.");
+  m.def(
+      "inner_sgd_backward_cpu",
+      [](const PtrList& grads, const PtrList& lrs, const PtrList& d_params,
+         const PtrList& d_grads, const PtrList& d_lrs, const SizeList& numels, bool f64,
+         const InnerStepConfig& cfg, uintptr_t partials) {
+        check_inner("inner_sgd_backward_cpu", numels, {{"grads", &grads},
+                    {"d_params", &d_params}, {"d_grads", &d_grads}},
+                    {{"lrs", &lrs}, {"d_lrs", &d_lrs}});
+        if (lrs.size() != d_lrs.size()) bad("inner_sgd_backward_cpu", "lrs and d_lrs must both be given or both empty");
+        py::gil_scoped_release nogil;
+        pyoptk::inner_sgd_backward_cpu(grads, lrs, d_params, d_grads, d_lrs, numels, f64, cfg,
+                                       partials);
+      },
+      py::arg("grads"), py::arg("lrs"), py::arg("d_params"), py::arg("d_grads"),
+      py::arg("d_lrs"), py::arg("numels"), py::arg("f64"), py::arg("cfg"), py::arg("partials"),
+      "VJPs of inner_sgd_cpu; partials (double per chunk, or 0) get sum(d_params*grads).");
+  m.def(
+      "inner_adam_cpu",
+      [](const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+         const PtrList& exp_avg_sqs, const PtrList& params_out, const PtrList& exp_avgs_out,
+         const PtrList& exp_avg_sqs_out, const SizeList& numels, bool f64,
+         const InnerStepConfig& cfg) {
+        check_inner("inner_adam_cpu", numels, {{"params", &params}, {"grads", &grads},
+                    {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs},
+                    {"params_out", &params_out}, {"exp_avgs_out", &exp_avgs_out},
+                    {"exp_avg_sqs_out", &exp_avg_sqs_out}});
+        check_inner_adam_cfg("inner_adam_cpu", cfg);
+        py::gil_scoped_release nogil;
+        pyoptk::inner_adam_cpu(params, grads, exp_avgs, exp_avg_sqs, params_out, exp_avgs_out,
+                               exp_avg_sqs_out, numels, f64, cfg);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+      py::arg("params_out"), py::arg("exp_avgs_out"), py::arg("exp_avg_sqs_out"),
+      py::arg("numels"), py::arg("f64"), py::arg("cfg"), "One out-of-place Adam step, CPU.");
+  m.def(
+      "inner_adam_backward_cpu",
+      [](const PtrList& grads, const PtrList& exp_avgs, const PtrList& exp_avg_sqs,
+         const PtrList& d_params, const PtrList& d_exp_avgs, const PtrList& d_exp_avg_sqs,
+         const PtrList& d_grads_out, const PtrList& d_exp_avgs_out,
+         const PtrList& d_exp_avg_sqs_out, const SizeList& numels, bool f64,
+         const InnerStepConfig& cfg, uintptr_t partials) {
+        check_inner("inner_adam_backward_cpu", numels, {{"grads", &grads},
+                    {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs},
+                    {"d_params", &d_params}, {"d_grads_out", &d_grads_out},
+                    {"d_exp_avgs_out", &d_exp_avgs_out},
+                    {"d_exp_avg_sqs_out", &d_exp_avg_sqs_out}},
+                    {{"d_exp_avgs", &d_exp_avgs}, {"d_exp_avg_sqs", &d_exp_avg_sqs}});
+        check_inner_adam_cfg("inner_adam_backward_cpu", cfg);
+        py::gil_scoped_release nogil;
+        pyoptk::inner_adam_backward_cpu(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs,
+                                        d_exp_avg_sqs, d_grads_out, d_exp_avgs_out,
+                                        d_exp_avg_sqs_out, numels, f64, cfg, partials);
+      },
+      py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("d_params"),
+      py::arg("d_exp_avgs"), py::arg("d_exp_avg_sqs"), py::arg("d_grads_out"),
+      py::arg("d_exp_avgs_out"), py::arg("d_exp_avg_sqs_out"), py::arg("numels"),
+      py::arg("f64"), py::arg("cfg"), py::arg("partials"),
+      "VJPs of inner_adam_cpu (one fused pass); d_exp_avgs / d_exp_avg_sqs may be empty "
+      "(zero cotangents); partials (double per chunk, or 0) get sum(d_params * m'/denom).");
+
+  m.def(
+      "inner_sgd_cuda",
+      [](const PtrList& params, const PtrList& grads, const PtrList& lrs, const PtrList& out,
+         const SizeList& numels, bool f64, const InnerStepConfig& cfg, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_inner("inner_sgd_cuda", numels, {{"params", &params}, {"grads", &grads},
+                    {"out", &out}}, {{"lrs", &lrs}});
+        py::gil_scoped_release nogil;
+        pyoptk::inner_sgd_cuda(params, grads, lrs, out, numels, f64, cfg, stream);
+#else
+        (void)params, (void)grads, (void)lrs, (void)out, (void)numels, (void)f64, (void)cfg;
+        (void)stream;
+        no_cuda("inner_sgd_cuda");
+#endif
+      },
+      py::arg("params"), py::arg("grads"), py::arg("lrs"), py::arg("out"), py::arg("numels"),
+      py::arg("f64"), py::arg("cfg"), py::arg("stream"), "inner_sgd_cpu on CUDA tensors.");
+  m.def(
+      "inner_sgd_backward_cuda",
+      [](const PtrList& grads, const PtrList& lrs, const PtrList& d_params,
+         const PtrList& d_grads, const PtrList& d_lrs, const SizeList& numels, bool f64,
+         const InnerStepConfig& cfg, uintptr_t partials, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_inner("inner_sgd_backward_cuda", numels, {{"grads", &grads},
+                    {"d_params", &d_params}, {"d_grads", &d_grads}},
+                    {{"lrs", &lrs}, {"d_lrs", &d_lrs}});
+        if (lrs.size() != d_lrs.size()) bad("inner_sgd_backward_cuda", "lrs and d_lrs must both be given or both empty");
+        py::gil_scoped_release nogil;
+        pyoptk::inner_sgd_backward_cuda(grads, lrs, d_params, d_grads, d_lrs, numels, f64, cfg,
+                                        partials, stream);
+#else
+        (void)grads, (void)lrs, (void)d_params, (void)d_grads, (void)d_lrs, (void)numels;
+        (void)f64, (void)cfg, (void)partials, (void)stream;
+        no_cuda("inner_sgd_backward_cuda");
+#endif
+      },
+      py::arg("grads"), py::arg("lrs"), py::arg("d_params"), py::arg("d_grads"),
+      py::arg("d_lrs"), py::arg("numels"), py::arg("f64"), py::arg("cfg"), py::arg("partials"),
+      py::arg("stream"), "inner_sgd_backward_cpu on CUDA tensors (partials in the compute dtype).");
+  m.def(
+      "inner_adam_cuda",
+      [](const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+         const PtrList& exp_avg_sqs, const PtrList& params_out, const PtrList& exp_avgs_out,
+         const PtrList& exp_avg_sqs_out, const SizeList& numels, bool f64,
+         const InnerStepConfig& cfg, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_inner("inner_adam_cuda", numels, {{"params", &params}, {"grads", &grads},
+                    {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs},
+                    {"params_out", &params_out}, {"exp_avgs_out", &exp_avgs_out},
+                    {"exp_avg_sqs_out", &exp_avg_sqs_out}});
+        check_inner_adam_cfg("inner_adam_cuda", cfg);
+        py::gil_scoped_release nogil;
+        pyoptk::inner_adam_cuda(params, grads, exp_avgs, exp_avg_sqs, params_out, exp_avgs_out,
+                                exp_avg_sqs_out, numels, f64, cfg, stream);
+#else
+        (void)params, (void)grads, (void)exp_avgs, (void)exp_avg_sqs, (void)params_out;
+        (void)exp_avgs_out, (void)exp_avg_sqs_out, (void)numels, (void)f64, (void)cfg;
+        (void)stream;
+        no_cuda("inner_adam_cuda");
+#endif
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+      py::arg("params_out"), py::arg("exp_avgs_out"), py::arg("exp_avg_sqs_out"),
+      py::arg("numels"), py::arg("f64"), py::arg("cfg"), py::arg("stream"),
+      "inner_adam_cpu on CUDA tensors.");
+  m.def(
+      "inner_adam_backward_cuda",
+      [](const PtrList& grads, const PtrList& exp_avgs, const PtrList& exp_avg_sqs,
+         const PtrList& d_params, const PtrList& d_exp_avgs, const PtrList& d_exp_avg_sqs,
+         const PtrList& d_grads_out, const PtrList& d_exp_avgs_out,
+         const PtrList& d_exp_avg_sqs_out, const SizeList& numels, bool f64,
+         const InnerStepConfig& cfg, uintptr_t partials, uintptr_t stream) {
+#ifdef PYOPTK_WITH_CUDA
+        check_inner("inner_adam_backward_cuda", numels, {{"grads", &grads},
+                    {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs},
+                    {"d_params", &d_params}, {"d_grads_out", &d_grads_out},
+                    {"d_exp_avgs_out", &d_exp_avgs_out},
+                    {"d_exp_avg_sqs_out", &d_exp_avg_sqs_out}},
+                    {{"d_exp_avgs", &d_exp_avgs}, {"d_exp_avg_sqs", &d_exp_avg_sqs}});
+        check_inner_adam_cfg("inner_adam_backward_cuda", cfg);
+        py::gil_scoped_release nogil;
+        pyoptk::inner_adam_backward_cuda(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs,
+                                         d_exp_avg_sqs, d_grads_out, d_exp_avgs_out,
+                                         d_exp_avg_sqs_out, numels, f64, cfg, partials, stream);
+#else
+        (void)grads, (void)exp_avgs, (void)exp_avg_sqs, (void)d_params, (void)d_exp_avgs;
+        (void)d_exp_avg_sqs, (void)d_grads_out, (void)d_exp_avgs_out, (void)d_exp_avg_sqs_out;
+        (void)numels, (void)f64, (void)cfg, (void)partials, (void)stream;
+        no_cuda("inner_adam_backward_cuda");
+#endif
+      },
+      py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("d_params"),
+      py::arg("d_exp_avgs"), py::arg("d_exp_avg_sqs"), py::arg("d_grads_out"),
+      py::arg("d_exp_avgs_out"), py::arg("d_exp_avg_sqs_out"), py::arg("numels"),
+      py::arg("f64"), py::arg("cfg"), py::arg("partials"), py::arg("stream"),
+      "inner_adam_backward_cpu on CUDA tensors (partials in the compute dtype).");
 }

@@ -395,8 +395,10 @@ def _mlp_apply_kernel(p_base, g_base, m_base, v_base, fr_base, fc_base, lr_ptr, 
         tl.store(fr_ptr + f * fr_len + fr_idx, u, mask=smask & ~is_fac)
         b = tl.load(fc_ptr + f * cols + c, mask=mask & is_fac, other=1.0)
         vhat = tl.where(is_fac, tl.div_rn(a * b, vbar), u)
-        rowf = tl.rsqrt(tl.div_rn(tl.where(is_fac, a, u), vbar))
-        colf = tl.where(is_fac, tl.rsqrt(tl.div_rn(b, vbar)), rowf)
+        # rsqrt(r/vbar + 2^-7): the floor bounds the feature (see factor_feature in
+        # csrc/include/pyoptk/mlp_update_math.h)
+        rowf = tl.rsqrt(tl.div_rn(tl.where(is_fac, a, u), vbar) + 0.0078125)
+        colf = tl.where(is_fac, tl.rsqrt(tl.div_rn(b, vbar) + 0.0078125), rowf)
         ivh = tl.rsqrt(vhat + eps)
         X = _put(X, g * ivh, NN + 2 + f, DP)
         if FMI >= 0:

@@ -114,16 +114,16 @@ def test_factored_accumulators(shape):
             torch.testing.assert_close(vbar[f], er.mean())
             torch.testing.assert_close(vhat[f].reshape(G2.shape), er[:, None] * ec[None] / er.mean())
             torch.testing.assert_close(row_f[f].reshape(G2.shape),
-                                       (er / er.mean()).rsqrt()[:, None].expand(G2.shape))
+                                       (er / er.mean() + 2.0 ** -7).rsqrt()[:, None].expand(G2.shape))
             torch.testing.assert_close(col_f[f].reshape(G2.shape),
-                                       (ec / er.mean()).rsqrt()[None].expand(G2.shape))
+                                       (ec / er.mean() + 2.0 ** -7).rsqrt()[None].expand(G2.shape))
     else:
         assert c2.shape == (F, 0)
         for f in range(F):
             b = decays[f]
             ev = (b * 0.25 + (1 - b) * (g * g + eps)).reshape(n)
             torch.testing.assert_close(vhat[f], ev)
-            torch.testing.assert_close(row_f[f], (ev / ev.mean()).rsqrt())
+            torch.testing.assert_close(row_f[f], (ev / ev.mean() + 2.0 ** -7).rsqrt())
             torch.testing.assert_close(col_f[f], row_f[f])
 
 

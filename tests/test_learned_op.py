@@ -70,6 +70,9 @@ def test_op_equals_functional_bitwise(config):
 # --------------------------------------------------------------------------------
 # An independent, element-by-element derivation of the rule from docs/learned.md.
 # --------------------------------------------------------------------------------
+FLOOR = 2.0 ** -7  # the factor features' floor, written out independently
+
+
 def naive_step(p, g, mom, rms, frow, fcol, step, meta, cfg, lr, wd):
     f = cfg.features
     K, R, F = f.n_mom, f.n_rms, f.n_fac
@@ -92,14 +95,14 @@ def naive_step(p, g, mom, rms, frow, fcol, step, meta, cfg, lr, wd):
         vbar = [sum(row_new[q]) / rows for q in range(F)]
         vhat = [[row_new[q][rc(e)[0]] * col_new[q][rc(e)[1]] / vbar[q] for e in range(n)]
                 for q in range(F)]
-        rowf = [[(row_new[q][rc(e)[0]] / vbar[q]) ** -0.5 for e in range(n)] for q in range(F)]
-        colf = [[(col_new[q][rc(e)[1]] / vbar[q]) ** -0.5 for e in range(n)] for q in range(F)]
+        rowf = [[(row_new[q][rc(e)[0]] / vbar[q] + FLOOR) ** -0.5 for e in range(n)] for q in range(F)]
+        colf = [[(col_new[q][rc(e)[1]] / vbar[q] + FLOOR) ** -0.5 for e in range(n)] for q in range(F)]
     else:
         full = [[bf[q] * frow[q].reshape(n)[e].item() + (1 - bf[q]) * (G[e] ** 2 + f.fac_eps)
                  for e in range(n)] for q in range(F)]
         vbar = [sum(full[q]) / n for q in range(F)]
         vhat = full
-        rowf = colf = [[(full[q][e] / vbar[q]) ** -0.5 for e in range(n)] for q in range(F)]
+        rowf = colf = [[(full[q][e] / vbar[q] + FLOOR) ** -0.5 for e in range(n)] for q in range(F)]
     # normalized features, one list per plane
     planes = [G, P] + M + V
     planes += [[M[k][e] * (V[j][e] + f.eps) ** -0.5 for e in range(n)]
@@ -355,3 +358,22 @@ def test_cuda_op_matches_cpu_functional():
     for name, a, b in zip(ref_s._fields, state, ref_s):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_close(x, y, 1e-6, 1e-4, f"{name}[{i}]")
+
+
+def test_factor_features_stay_bounded_for_dead_units():
+    """A row whose gradients are all zero (a dead unit) and a vector element with a zero
+    gradient get factor features at the floor's bound sqrt(1/FLOOR), not ~1e15."""
+    from pyoptk.learned.features import FeatureConfig
+    from pyoptk.ops.mlp_update import factored_features, factored_update
+
+    F = len(FeatureConfig().adafactor_decays)
+    for shape in [(6, 5), (7,)]:
+        g = torch.randn(shape)
+        g[0] = 0.0
+        fr, fc = (torch.zeros(F, 6), torch.zeros(F, 5)) if len(shape) == 2 else \
+            (torch.zeros(F, 7), torch.zeros(F, 0))
+        decays = torch.tensor([0.9, 0.99, 0.999][:F])
+        fr, fc, vbar = factored_update(fr, fc, g, decays, 1e-30)
+        _, row_f, col_f = factored_features(fr, fc, vbar, shape)
+        assert row_f.max() <= FLOOR ** -0.5 and col_f.max() <= FLOOR ** -0.5
+        assert row_f.max() > 0.99 * FLOOR ** -0.5     # the dead row/element sits at it

@@ -250,7 +250,7 @@ class TestRuleMismatch:
         self.sd["rule"]["version"] = "0"
         opt = MLPOptimizer(self.other_model.parameters(), meta_params=self.opt.meta_params,
                            config=SMALL)
-        with pytest.raises(RuleMismatchError, match="version '0'.*implements version '1'"):
+        with pytest.raises(RuleMismatchError, match="version '0'.*implements version '2'"):
             opt.load_state_dict(self.sd)
 
     def test_other_rule_and_plain_torch_checkpoint_refused(self):

@@ -43,8 +43,10 @@ TOL = {
     torch.bfloat16: (1e-2, 8e-3),
     torch.float16: (1e-3, 1e-3),
 }
-SHAPES = [(), (1,), (5, 123), (1031,), (2, 3, 7)]
-SMALL = [(), (1,), (5, 13), (130,)]  # the Triton interpreter is slow
+# 0-dim, 1 element, empty, odd 2-d, 1000+ and (20000: two native chunks of 16384).
+SHAPES = [(), (1,), (0,), (5, 123), (1031,), (2, 3, 7), (20000,)]
+# The Triton interpreter is slow; 4500 spans two of its 4096-element chunks.
+SMALL = [(), (1,), (0,), (5, 13), (4500,)]
 
 
 def _backends():
@@ -79,6 +81,10 @@ def _adam_inputs(shapes, dtype, seed=0):
     return p, g, m, v
 
 
+def _amax(t):
+    return t.detach().abs().max().item() if t.numel() else 0.0
+
+
 def _close_lists(actual, expected, dtype, what):
     atol, rtol = TOL[dtype]
     for i, (a, e) in enumerate(zip(actual, expected)):
@@ -89,8 +95,8 @@ def _close_lists(actual, expected, dtype, what):
 # ----------------------------------------------------------------------------------
 # Forward and VJPs of every backend against the reference.
 # ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
-                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16,
+                                   torch.float16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_matches_reference(backend, dtype):
     shapes = _shapes(backend)
@@ -137,7 +143,7 @@ def _vjp(fn, lists, lr_t, cts):
     return res, (grads[k] if lr is not None else None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64],
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vjps_match_reference(backend, dtype):
@@ -166,7 +172,7 @@ def test_vjps_match_reference(backend, dtype):
         for k, (ga, ea) in enumerate(zip(got, exp)):
             for i, (a, e) in enumerate(zip(ga, ea)):
                 # d params / d grads scale with 1/eps in Adam: relative tolerance.
-                assert_close(a, e, atol * max(1.0, e.abs().max().item()), rtol,
+                assert_close(a, e, atol * max(1.0, _amax(e)), rtol,
                              f"{name} d input {k} [{i}]")
         if exp_lr is not None:
             assert_close(got_lr, exp_lr, atol * 10, rtol * 10, f"{name} d_lr")
@@ -187,8 +193,18 @@ def test_backward_op_matches_closed_form(backend):
     exp = inner_adam_vjp_reference(g, m, v, cp, cm, cv, 4, 0.0, lr_t, 0.9, 0.999, 1e-8)
     for k in range(3):
         for i, (a, e) in enumerate(zip(got[k], exp[k])):
-            assert_close(a, e, 1e-6 * max(1.0, e.abs().max().item()), 1e-5, f"adam out {k}[{i}]")
+            assert_close(a, e, 1e-6 * max(1.0, _amax(e)), 1e-5, f"adam out {k}[{i}]")
     assert_close(got[3], exp[3], 1e-4, 1e-4, "adam d_lr")
+    # Absent moment cotangents (empty lists) are zeros.
+    with pyoptk.use_backend(backend):
+        got0 = torch.ops.pyoptk.inner_adam_backward(g, m, v, cp, [], [], 4, 0.0, lr_t,
+                                                    0.9, 0.999, 1e-8)
+    zeros = [torch.zeros_like(t) for t in m]
+    exp0 = inner_adam_vjp_reference(g, m, v, cp, zeros, zeros, 4, 0.0, lr_t, 0.9, 0.999, 1e-8)
+    for k in range(3):
+        for i, (a, e) in enumerate(zip(got0[k], exp0[k])):
+            assert_close(a, e, 1e-6 * max(1.0, _amax(e)), 1e-5, f"adam no-moment out {k}[{i}]")
+    assert_close(got0[3], exp0[3], 1e-4, 1e-4, "adam no-moment d_lr")
     exp_sgd = inner_sgd_vjp_reference(g, cp, 0.0, lr_t)
     _close_lists(got_sgd[0], exp_sgd[0], torch.float32, "sgd d_g")
     assert_close(got_sgd[1], exp_sgd[1], 1e-4, 1e-4, "sgd d_lr")
@@ -203,9 +219,9 @@ def test_backward_op_matches_closed_form(backend):
 _GC_SHAPES = [(), (1,), (2, 3)]
 
 
-def _gc_inputs():
-    p, g, m, v = _adam_inputs(_GC_SHAPES, torch.float64, seed=5)
-    lrs = _rand(_GC_SHAPES, torch.float64, 9, positive=True)
+def _gc_inputs(shapes=_GC_SHAPES):
+    p, g, m, v = _adam_inputs(shapes, torch.float64, seed=5)
+    lrs = _rand(shapes, torch.float64, 9, positive=True)
     lr = torch.tensor(0.3, dtype=torch.float64)
     req = lambda ts: [t.requires_grad_(True) for t in ts]  # noqa: E731
     return req(p), req(g), req(m), req(v), req(lrs), lr.requires_grad_(True)
@@ -213,7 +229,10 @@ def _gc_inputs():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_gradgradcheck(backend):
-    p, g, m, v, lrs, lr = _gc_inputs()
+    # The Triton interpreter costs ~15 ms a launch: two tensors, and fast_mode (one random
+    # direction per input instead of one perturbation per element).
+    fast = backend == "triton"
+    p, g, m, v, lrs, lr = _gc_inputs([(), (2, 3)] if fast else _GC_SHAPES)
     n = len(p)
     sgd = lambda *x: tuple(inner_sgd(list(x[:n]), list(x[n:2 * n]), x[-1]))  # noqa: E731
     meta = lambda *x: tuple(inner_metasgd(  # noqa: E731
@@ -228,8 +247,24 @@ def test_gradcheck_gradgradcheck(backend):
         warnings.simplefilter("ignore", SlowPathWarning)
         for fn, args in ((sgd, (*p, *g, lr)), (meta, (*p, *g, *lrs)),
                          (adam, (*p, *g, *m, *v, lr))):
-            assert gradcheck(fn, args)
-            assert gradgradcheck(fn, args)
+            assert gradcheck(fn, args, fast_mode=fast)
+            assert gradgradcheck(fn, args, fast_mode=fast)
+
+
+def test_gradgradcheck_adam_params_output_only():
+    """Only the new params used (the moments' cotangents are absent: the empty-list path
+    of the fused backward and of its double backward)."""
+    p, g, m, v, lrs, lr = _gc_inputs()
+    n = len(p)
+
+    def adam(*x):
+        return tuple(inner_adam(list(x[:n]), list(x[n:2 * n]), list(x[2 * n:3 * n]),
+                                list(x[3 * n:4 * n]), 2, x[-1], 0.9, 0.99, 1e-3)[0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        assert gradcheck(adam, (*p, *g, *m, *v, lr))
+        assert gradgradcheck(adam, (*p, *g, *m, *v, lr))
 
 
 def test_double_backward_of_adam_warns_once():
@@ -302,6 +337,41 @@ def test_adam_forward_matches_torch_optim():
     assert_close(v[0], st["exp_avg_sq"], 1e-7, 1e-6, "exp_avg_sq")
 
 
+@pytest.mark.parametrize("which", ["sgd", "adam"])
+def test_meta_gradient_matches_higher(which):
+    """Two inner steps and a query loss: the meta-gradient w.r.t. the initial weights
+    equals the one from ``higher`` (an independent implementation, the MAML benchmark
+    baseline). higher's Adam puts eps outside the bias correction (the pre-1.x torch
+    form, ``lr*sqrt(bc2)/bc1 * m/(sqrt(v) + eps)``); with eps = 0 both forms coincide."""
+    higher = pytest.importorskip("higher")
+    torch.manual_seed(3)
+    dt = torch.float64
+    x, y, xq, yq = (torch.randn(8, k, dtype=dt) for k in (5, 3, 5, 3))
+    w0 = torch.randn(3, 5, dtype=dt) * 0.1
+
+    model = torch.nn.Linear(5, 3, bias=False).to(dt)
+    with torch.no_grad():
+        model.weight.copy_(w0)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1) if which == "sgd" else
+           torch.optim.Adam(model.parameters(), lr=0.1, eps=0.0))
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, dopt):
+        for _ in range(2):
+            dopt.step(((fmodel(x) - y) ** 2).mean())
+        expected = torch.autograd.grad(((fmodel(xq) - yq) ** 2).mean(), model.weight)[0]
+
+    w = w0.clone().requires_grad_(True)
+    params, m, v = [w], [torch.zeros_like(w)], [torch.zeros_like(w)]
+    for step in (1, 2):
+        (g,) = torch.autograd.grad(((x @ params[0].t() - y) ** 2).mean(), params,
+                                   create_graph=True)
+        if which == "sgd":
+            params = inner_sgd(params, [g], 0.1)
+        else:
+            params, m, v = inner_adam(params, [g], m, v, step, 0.1, eps=0.0)
+    got = torch.autograd.grad(((xq @ params[0].t() - yq) ** 2).mean(), w)[0]
+    assert_close(got, expected, 1e-12, 1e-9, f"{which} meta-gradient vs higher")
+
+
 # ----------------------------------------------------------------------------------
 # opcheck
 # ----------------------------------------------------------------------------------
@@ -323,6 +393,9 @@ def test_opcheck():
         torch.library.opcheck(ops.inner_adam_backward,
                               (req(g), req(m), req(v), req(p), req(m), req(v), 2, 1e-3, None,
                                0.9, 0.999, 1e-8))
+        torch.library.opcheck(ops.inner_adam_backward,
+                              (req(g), req(m), req(v), req(p), [], [], 2, 0.0,
+                               lr_t.clone().requires_grad_(), 0.9, 0.999, 1e-8))
 
 
 # ----------------------------------------------------------------------------------
@@ -401,3 +474,177 @@ def test_torch_compile_meta_gradient(which):
         pytest.fail(f"torch.compile raised instead of matching eager: {exc!r}")
     for a, e, what in zip(compiled, eager, ("loss", "d w", "d lr")):
         assert_close(a, e, 1e-6, 1e-5, f"compiled {what}")
+
+
+# ----------------------------------------------------------------------------------
+# The forced backend is the one that runs.
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_forced_backend_runs_its_kernels(backend, monkeypatch):
+    calls = []
+    if backend == "cpu":
+        from pyoptk._native import native
+
+        mod, names = native(), ["inner_sgd_cpu", "inner_sgd_backward_cpu", "inner_adam_cpu",
+                                "inner_adam_backward_cpu"]
+    else:
+        from pyoptk.kernels import inner_step as mod
+
+        names = ["sgd", "sgd_backward", "adam", "adam_backward"]
+    for name in names:
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name: (calls.append(_n), _o(*a))[1])
+    p, g, m, v = _leaves(_adam_inputs([(3,), (130,)], torch.float32))
+    lr = torch.tensor(0.1, requires_grad=True)
+    with pyoptk.use_backend(backend):
+        out = inner_adam(p, g, m, v, 1, lr)
+        out2 = inner_sgd(out[0], g, lr)
+        out3 = inner_metasgd(out2, g, [x.detach().abs() for x in m])
+        sum(t.sum() for t in out3).backward()
+    assert sorted(set(calls)) == sorted(names), calls
+
+
+def _query_loss(which, w, g, lr, xq, yq):
+    """The traced part of a MAML step: inner update (grads given) and the query loss."""
+    if which == "sgd":
+        p = inner_sgd([w], [g], lr)
+    elif which == "metasgd":
+        p = inner_metasgd([w], [g], [lr * torch.ones_like(w)])
+    else:
+        p, _, _ = inner_adam([w], [g], [torch.zeros_like(w)], [torch.zeros_like(w)], 1, lr)
+    return ((xq @ p[0] - yq) ** 2).mean()
+
+
+@pytest.mark.parametrize("which", ["sgd", "metasgd", "adam"])
+def test_torch_compile_fullgraph_step_meta_gradient(which):
+    """The inner step and query loss compiled as one graph (fullgraph: the custom ops
+    and their autograd are traced, no graph break); the support-loss gradient is taken
+    outside with create_graph=True. The meta-gradient equals eager."""
+    torch.manual_seed(1)
+    x, y, xq, yq = torch.randn(8, 5), torch.randn(8, 3), torch.randn(8, 5), torch.randn(8, 3)
+    w0 = torch.randn(5, 3) * 0.1
+
+    def run(fn):
+        w = w0.clone().requires_grad_(True)
+        lr = torch.tensor(0.1, requires_grad=True)
+        (g,) = torch.autograd.grad(((x @ w - y) ** 2).mean(), [w], create_graph=True)
+        loss = fn(which, w, g, lr, xq, yq)
+        return (loss.detach(), *torch.autograd.grad(loss, [w, lr]))
+
+    eager = run(_query_loss)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(_query_loss, backend="aot_eager", fullgraph=True))
+    for a, e, what in zip(compiled, eager, ("loss", "d w", "d lr")):
+        assert_close(a, e, 1e-6, 1e-5, f"compiled {what}")
+
+
+def test_torch_compile_double_backward_raises():
+    """Differentiating the compiled step's backward again is not supported by
+    torch.compile: it raises (it must never return a silently wrong value)."""
+    torch.manual_seed(2)
+    xq, yq = torch.randn(8, 5), torch.randn(8, 3)
+    w = torch.randn(5, 3, requires_grad=True)
+    g = torch.randn(5, 3, requires_grad=True)
+    lr = torch.tensor(0.1, requires_grad=True)
+    torch._dynamo.reset()
+    fn = torch.compile(_query_loss, backend="aot_eager", fullgraph=True)
+    loss = fn("sgd", w, g, lr, xq, yq)
+    (dg,) = torch.autograd.grad(loss, [g], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(dg.sum(), [w, lr], allow_unused=True)
+
+
+# ----------------------------------------------------------------------------------
+# Native CPU: the baseline / AVX2 / AVX-512 copies of the loops agree bit for bit.
+# ----------------------------------------------------------------------------------
+_ISA_SCRIPT = """
+import sys, torch, pyoptk
+from pyoptk.ops.inner_step import inner_adam, inner_sgd, inner_metasgd
+torch.manual_seed(0)
+shapes = [(3,), (17, 33), (40000,)]
+mk = lambda s=1.0: [(torch.randn(x) * s).requires_grad_(True) for x in shapes]
+p, g, m = mk(), mk(), mk(0.1)
+v = [(torch.rand(x) * 0.1).requires_grad_(True) for x in shapes]
+lr = torch.tensor(0.1, requires_grad=True)
+with pyoptk.use_backend("cpu"):
+    a, b, c = inner_adam(p, g, m, v, 2, lr)
+    q = inner_metasgd(inner_sgd(a, g, lr), g, [x.detach().abs() for x in m])
+    loss = sum((t * t).sum() for t in q + b + c)
+    grads = torch.autograd.grad(loss, p + g + m + v + [lr])
+    outs = [t.detach() for t in a + b + c + q] + list(grads)
+torch.save(outs, OUT)
+"""
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="pyoptk._C not built")
+def test_native_isa_copies_bit_identical(tmp_path):
+    """The baseline copy (a subprocess with PYOPTK_CPU_ISA=baseline) against the best
+    copy this CPU has (this process)."""
+    import os
+    import subprocess
+    import sys
+
+    from pyoptk._native import native
+
+    base = tmp_path / "baseline.pt"
+    env = dict(os.environ, PYOPTK_CPU_ISA="baseline")
+    subprocess.run([sys.executable, "-c", f"OUT = {str(base)!r}\n" + _ISA_SCRIPT],
+                   check=True, env=env, timeout=120)
+    best = tmp_path / "best.pt"
+    exec(compile(_ISA_SCRIPT, "<isa>", "exec"), {"OUT": str(best)})
+    isa = native().build_info()["cpu_isa"]
+    for i, (a, b) in enumerate(zip(torch.load(base), torch.load(best))):
+        assert torch.equal(a, b), f"output {i} differs between the baseline and {isa} loops"
+
+
+# ----------------------------------------------------------------------------------
+# GPU tier (skipped without CUDA): the CUDA and Triton kernels on the device.
+# ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_match_reference(backend, dtype):
+    if backend not in pyoptk.available_backends("cuda"):
+        pytest.skip(f"{backend} backend not available")
+    dev = torch.device("cuda")
+    shapes = SHAPES + [(70000,)]
+    p, g, m, v = ([t.to(dev) for t in lst] for lst in _adam_inputs(shapes, dtype))
+    sdt = ist.compute_dtype(dtype)
+    lrs = [t.to(dev) for t in _rand(shapes, sdt, 7, positive=True, scale=0.1)]
+    lr_t = torch.tensor(0.05, dtype=sdt, device=dev)
+    cp, cm, cv = ([t.to(dev) for t in _rand(shapes, dt, 20 + k)]
+                  for k, dt in enumerate((dtype, sdt, sdt)))
+    cases = [
+        (lambda P, G, lr: [inner_sgd(P, G, lr)], lambda P, G, lr: [inner_sgd_reference(P, G, lr)],
+         [p, g], [cp]),
+        (lambda P, G, A, lr: [inner_metasgd(P, G, A)],
+         lambda P, G, A, lr: [inner_metasgd_reference(P, G, A)], [p, g, lrs], [cp]),
+        (lambda P, G, M, V, lr: inner_adam(P, G, M, V, 2, lr, 0.9, 0.99, 1e-6),
+         lambda P, G, M, V, lr: inner_adam_reference(P, G, M, V, 2, lr, 0.9, 0.99, 1e-6),
+         [p, g, m, v], [cp, cm, cv]),
+    ]
+    atol, rtol = TOL[dtype]
+    for k, (fn, ref_fn, lists, cts) in enumerate(cases):
+        with pyoptk.use_backend(backend):
+            outs = fn(*lists, lr_t)
+            got, got_lr = _vjp(fn, lists, lr_t, cts)
+        for a, e in zip([t for o in outs for t in o], [t for o in ref_fn(*lists, lr_t) for t in o]):
+            assert_close(a, e, atol, rtol, f"case {k} forward")
+        exp, exp_lr = _vjp(ref_fn, lists, lr_t, cts)
+        for ga, ea in zip(got, exp):
+            for a, e in zip(ga, ea):
+                assert_close(a, e, atol * max(1.0, _amax(e)), rtol, f"case {k} vjp")
+        assert_close(got_lr, exp_lr, atol * 10, rtol * 10, f"case {k} d_lr")
+    if dtype == torch.float64:
+        pp, gg, mm, vv, _, lr = _gc_inputs()
+        args = [t.detach().to(dev).requires_grad_(True) for t in pp + gg + mm + vv + [lr]]
+        n = len(pp)
+
+        def adam(*x):
+            out = inner_adam(list(x[:n]), list(x[n:2 * n]), list(x[2 * n:3 * n]),
+                             list(x[3 * n:4 * n]), 3, x[-1], 0.9, 0.99, 1e-3)
+            return tuple(t for lst in out for t in lst)
+
+        with pyoptk.use_backend(backend):
+            assert gradcheck(adam, tuple(args))

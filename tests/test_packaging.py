@@ -9,10 +9,10 @@ import sys
 import textwrap
 
 OPTIONAL = ["numpy", "sklearn", "matplotlib", "tqdm", "triton", "nvtx", "safetensors",
-            "pytorch_optimizer"]
+            "pytorch_optimizer", "yaml", "tensorboard", "higher"]
 
 
-def test_import_and_fused_step_need_only_torch():
+def test_import_and_fused_step_need_only_torch(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         for name in {OPTIONAL!r}:
@@ -27,6 +27,15 @@ def test_import_and_fused_step_need_only_torch():
         assert torch.all(p < 1), p
         opt = pyoptk.optim.MLPOptimizer([p])
         opt.step()
+        opt.load_state_dict(opt.state_dict())           # the rule's identity hash
+        path = opt.save_pretrained({str(tmp_path / "rule.pt")!r})
+        pyoptk.optim.MLPOptimizer.from_pretrained(path, [p]).step()
+        from pyoptk.learned.pretrained import available
+        for name in available():                        # shipped rules load with torch only
+            pyoptk.optim.MLPOptimizer.from_pretrained(name, [p]).step()
+        import pyoptk.tasks, pyoptk.meta.trainer, pyoptk.meta.evaluation
+        task = pyoptk.tasks.build_task(pyoptk.tasks.TaskSpec("quadratic", 0))
+        task.loss(task.init_params(), task.batch(0))
         print("ok")
     """)
     # torch itself imports numpy lazily and warns when it is missing; that is torch's.

@@ -775,13 +775,13 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
         w.vbar[static_cast<size_t>(f)] = vb;
         for (int64_t r = 0; r < w.rows; ++r) {
           const size_t i = static_cast<size_t>(f * w.rows + r);
-          w.rowf[i] = mlp::rsqrt_rn(mlp::div_rn(w.Rf[i], vb));
+          w.rowf[i] = mlp::factor_feature(w.Rf[i], vb);
         }
         for (int64_t c = 0; c < w.cols; ++c) {
           const size_t i = static_cast<size_t>(f * w.cols + c);
           w.Cf[i] = mlp::mlp_factored_update(w.fc0[f * w.cols + c], w.cm[static_cast<size_t>(c)],
                                              gam, omg);
-          w.colf[i] = mlp::rsqrt_rn(mlp::div_rn(w.Cf[i], vb));
+          w.colf[i] = mlp::factor_feature(w.Cf[i], vb);
         }
       }
       std::fill(w.rowpart.begin(), w.rowpart.end(), 0.0);

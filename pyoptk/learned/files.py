@@ -44,7 +44,8 @@ def rule_hash(meta_params: Mapping[str, Tensor], config: Any) -> str:
         h.update(name.encode())
         h.update(b"\0" + repr(tuple(meta_params[name].shape)).encode())
         h.update(b"\0" + str(t.dtype).encode() + b"\0")
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        # bytes without numpy (an optional dependency); meta-parameters are small
+        h.update(bytes(t.view(torch.uint8).tolist()))
     h.update(repr(config).encode())
     return h.hexdigest()
 

@@ -45,7 +45,7 @@ __all__ = [
 
 RULE_NAME = "mlp"
 # Bump when the update math changes: checkpoints and pretrained files record it.
-RULE_VERSION = "1"
+RULE_VERSION = "2"  # 2: floored row/column factor features
 
 
 @dataclass(frozen=True)

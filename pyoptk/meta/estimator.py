@@ -15,20 +15,28 @@ it is given by one truncation and returns an estimate of the gradient of the met
   perturbation, so a resumed run draws what the uninterrupted one would have.
 * A finished unroll (``step >= horizon``) is replaced by the caller, with
   :meth:`GradientEstimator.init_unroll` on the next task of its sampler.
+* :class:`MetaLoss` is the one definition of the meta-loss every estimator uses, and
+  :func:`finish_estimate` the one place where a meta-gradient is checked for NaN/Inf and
+  clipped (see ``docs/meta.md``).
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
-from pyoptk.tasks.base import Task
+from pyoptk.learned.mlp import MLPState
+from pyoptk.tasks.base import SPLIT_NAMES, Task, TaskSpec
+from pyoptk.tasks.registry import build_task
 
-__all__ = ["Unroll", "Estimate", "GradientEstimator"]
+__all__ = ["Unroll", "Estimate", "GradientEstimator", "MetaLoss", "finish_estimate",
+           "check_estimator_args"]
 
 
 @dataclass
@@ -52,6 +60,30 @@ class Unroll:
     def done(self, horizon: int) -> bool:
         return self.step >= horizon
 
+    def state_dict(self) -> Dict[str, Any]:
+        """A checkpointable dict: the task as its :class:`TaskSpec` dict, tensors as they
+        are (no copies), an :class:`MLPState` as a dict of its fields' lists. Loads with
+        ``torch.load(..., weights_only=True)``."""
+        state, state_type = self.state, "raw"
+        if isinstance(state, MLPState):
+            state, state_type = {k: list(v) for k, v in state._asdict().items()}, "MLPState"
+        return {"task": self.task.spec.to_dict(), "params": OrderedDict(self.params),
+                "state_type": state_type, "state": state, "step": int(self.step),
+                "extra": dict(self.extra)}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> "Unroll":
+        """The unroll of :meth:`state_dict` ``d``; the task is rebuilt from its spec with
+        :func:`pyoptk.tasks.build_task` (so its family must be registered)."""
+        state = d["state"]
+        if d["state_type"] == "MLPState":
+            state = MLPState(**{k: list(state[k]) for k in MLPState._fields})
+        elif d["state_type"] != "raw":
+            raise ValueError(f"Unroll.from_state_dict: unknown state_type {d['state_type']!r}")
+        return cls(task=build_task(TaskSpec.from_dict(d["task"])),
+                   params=OrderedDict(d["params"]), state=state, step=int(d["step"]),
+                   extra=dict(d["extra"]))
+
 
 @dataclass
 class Estimate:
@@ -70,6 +102,110 @@ class Estimate:
     meta_loss: float
     finite: bool = True
     metrics: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetaLoss:
+    """The meta-loss of one truncation, shared by every estimator.
+
+    A truncation of ``T`` inner steps starting at step ``s`` from parameters ``θ_0``
+    produces ``θ_1 … θ_T``; the meta-loss is
+
+    .. math::  \\frac{1}{T} \\sum_{t=1}^{T} f\\big(L(θ_t;\\ b_{s+t})\\big)
+
+    with ``b_k = task.batch(k, split)`` and ``f`` the identity (or ``log`` when
+    ``log_loss``). The losses are those of the parameters the truncation's steps
+    *produced*: ``θ_0`` does not depend on the meta-parameters of this truncation, and
+    with this choice the terms of consecutive truncations tile the horizon (each of
+    ``θ_1 … θ_H`` counted once), so PES summed over truncations is the gradient of the
+    whole unroll's loss. With ``split="train"`` the terms reuse the losses the inner
+    gradients are taken from (one extra forward per truncation, at ``θ_T``); another
+    split costs one extra forward per step.
+
+    Args:
+        split (str, default "train"): data split of the batches ``b_k`` (one of
+            :data:`pyoptk.tasks.SPLIT_NAMES`).
+        log_loss (bool, default False): average ``log L`` instead of ``L`` (for tasks
+            whose loss spans orders of magnitude, e.g. quadratics; needs ``L > 0``, a
+            non-positive loss makes the estimate non-finite).
+    """
+
+    split: str = "train"
+    log_loss: bool = False
+
+    def __post_init__(self):
+        if self.split not in SPLIT_NAMES:
+            raise ValueError(f"MetaLoss.split must be one of {SPLIT_NAMES}, got {self.split!r}")
+        if not isinstance(self.log_loss, bool):
+            raise TypeError(f"MetaLoss.log_loss must be a bool, got {self.log_loss!r}")
+
+    def term(self, loss: Tensor) -> Tensor:
+        """``f(L)`` of one inner loss (any shape: per particle under ``vmap``)."""
+        return torch.log(loss) if self.log_loss else loss
+
+
+def check_estimator_args(owner: str, truncation: int, horizon: int,
+                         max_grad_norm: Optional[float], meta_loss: MetaLoss) -> None:
+    """``ValueError``/``TypeError`` naming the argument, for the arguments every
+    estimator shares."""
+    for name, v in (("truncation", truncation), ("horizon", horizon)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner}: {name} must be an int >= 1, got {v!r}")
+    if truncation > horizon:
+        raise ValueError(f"{owner}: truncation ({truncation}) must be <= horizon ({horizon})")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(
+            max_grad_norm, (int, float)) or not (max_grad_norm > 0 and math.isfinite(
+            max_grad_norm))):
+        raise ValueError(f"{owner}: max_grad_norm must be None or a finite float > 0, got "
+                         f"{max_grad_norm!r}")
+    if not isinstance(meta_loss, MetaLoss):
+        raise TypeError(f"{owner}: meta_loss must be a MetaLoss, got {type(meta_loss).__name__}")
+
+
+def finish_estimate(meta_params: Mapping[str, Tensor], grad_sum: Optional[Sequence[Tensor]],
+                    n_ok: int, losses: Sequence[float], n_bad: int,
+                    max_grad_norm: Optional[float],
+                    metrics: Optional[Dict[str, float]] = None, *,
+                    drop_nonfinite: bool = False) -> Estimate:
+    """The :class:`Estimate` of summed per-unroll gradients (the NaN policy and the
+    clipping of every estimator).
+
+    Args:
+        meta_params: names, shapes and dtypes of the gradient.
+        grad_sum: the sum of the finite unrolls' gradients (None when there were none).
+        n_ok: how many unrolls ``grad_sum`` sums.
+        losses: the finite unrolls' meta-losses.
+        n_bad: unrolls whose loss or gradient was non-finite. Unless
+            ``drop_nonfinite``, any makes the estimate ``finite=False`` with zero
+            gradients: a caller skipping the meta-update then never steps on a partial
+            average that over-weights the surviving tasks (ES/PES, whose particles of a
+            diverged unroll carry no usable difference).
+        drop_nonfinite: average over the ``n_ok`` contributing unrolls whatever
+            ``n_bad`` is (TBPTT, whose diverged unrolls still contribute the gradient of
+            their finite prefix); ``finite=False`` only when ``n_ok == 0``.
+        max_grad_norm: clip the averaged gradient to this global L2 norm (None: no
+            clipping). ``metrics["grad_norm"]`` is the norm before clipping.
+    """
+    metrics = dict(metrics or {})
+    metrics["n_nonfinite"] = float(n_bad)
+    meta_loss = float(sum(losses) / len(losses)) if losses else float("nan")
+    if (n_bad and not drop_nonfinite) or grad_sum is None or n_ok == 0:
+        zeros = OrderedDict((k, torch.zeros_like(v)) for k, v in meta_params.items())
+        metrics["grad_norm"] = float("nan")
+        return Estimate(zeros, meta_loss, finite=False, metrics=metrics)
+    grads = [g / n_ok for g in grad_sum]
+    # Global norm in float64 so that tiny meta-gradients (the rule's steps are ~1e-4 by
+    # construction) do not underflow when squared in float32.
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+    metrics["grad_norm"] = norm
+    if not math.isfinite(norm):
+        zeros = OrderedDict((k, torch.zeros_like(v)) for k, v in meta_params.items())
+        metrics["n_nonfinite"] = float(n_ok)
+        return Estimate(zeros, meta_loss, finite=False, metrics=metrics)
+    if max_grad_norm is not None and norm > max_grad_norm:
+        grads = [g * (max_grad_norm / norm) for g in grads]
+    metrics["clipped"] = float(max_grad_norm is not None and norm > max_grad_norm)
+    return Estimate(OrderedDict(zip(meta_params.keys(), grads)), meta_loss, True, metrics)
 
 
 class GradientEstimator(abc.ABC):

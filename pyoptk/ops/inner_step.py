@@ -40,8 +40,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyoptk._backend import get_backend, implementation, register_backend, use_backend, warn_once
+from pyoptk._backend import implementation, register_backend, warn_once
+from pyoptk._native import native
 from pyoptk._nvtx import annotate
+from pyoptk.ops import _native_call as nc
 
 __all__ = [
     "inner_sgd", "inner_metasgd", "inner_adam",
@@ -72,10 +74,11 @@ def safe_sqrt(x: Tensor) -> Tensor:
     derivative 0 instead of +inf at exactly ``x == 0`` (all orders). Built from
     ``torch.where`` so it is differentiable to any order."""
     zero = x == 0
-    return torch.where(zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, torch.ones_like(x), x)))
+    safe = torch.where(zero, torch.ones_like(x), x)
+    return torch.where(zero, torch.zeros_like(x), torch.sqrt(safe))
 
 
-def _lr_value(lr: LrArg, ct: torch.dtype, device) -> Union[float, Tensor]:
+def _lr_value(lr: LrArg, ct: torch.dtype) -> Union[float, Tensor]:
     if isinstance(lr, Tensor):
         return lr.reshape(()).to(ct)
     return float(lr)
@@ -87,7 +90,7 @@ def inner_sgd_reference(params: Sequence[Tensor], grads: Sequence[Tensor],
     out = []
     for p, g in zip(params, grads):
         ct = compute_dtype(p.dtype)
-        a = _lr_value(lr, ct, p.device)
+        a = _lr_value(lr, ct)
         out.append((p.to(ct) - a * g.to(ct)).to(p.dtype))
     return out
 
@@ -118,10 +121,10 @@ def inner_adam_reference(params: Sequence[Tensor], grads: Sequence[Tensor],
     new_p, new_m, new_v = [], [], []
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         ct = compute_dtype(p.dtype)
-        a = _lr_value(lr, ct, p.device)
+        a = _lr_value(lr, ct)
         g = g.to(ct)
         m2 = torch.lerp(m.to(ct), g, 1 - beta1)
-        v2 = v.to(ct) * beta2 + (1 - beta2) * (g * g)
+        v2 = v.to(ct) * beta2 + (1 - beta2) * g * g  # torch addcmul_ order: ((1-b2)*g)*g
         denom = safe_sqrt(v2) / bc2_sqrt + eps
         step_size = a / bc1
         new_p.append((p.to(ct) - step_size * m2 / denom).to(p.dtype))
@@ -173,7 +176,8 @@ def inner_adam_vjp_reference(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor]
                              ) -> Tuple[List[Tensor], List[Tensor], List[Tensor],
                                         Optional[Tensor]]:
     """``(d_grads, d_exp_avgs, d_exp_avg_sqs, d_lr)`` of :func:`inner_adam_reference`
-    (``d_params`` passes through unchanged). With ``c = lr/bc1``, ``s = sqrt(bc2)``,
+    (``d_params`` passes through unchanged; ``d_exp_avgs`` / ``d_exp_avg_sqs`` may be
+    empty lists, meaning zero). With ``c = lr/bc1``, ``s = sqrt(bc2)``,
     ``r = safe_sqrt(v')``, ``d = r/s + eps``, ``u = m'/d``:
 
     * ``M = d_m' - c * d_p / d``  (total cotangent of m')
@@ -186,21 +190,24 @@ def inner_adam_vjp_reference(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor]
     """
     bc1, s = adam_scalars(step, beta1, beta2)
     w = 1 - beta1
+    n = len(grads)
+    # Empty d_exp_avgs / d_exp_avg_sqs: zero cotangents (the moments were not used).
+    dms = list(d_exp_avgs) if len(d_exp_avgs) else [None] * n
+    dvs = list(d_exp_avg_sqs) if len(d_exp_avg_sqs) else [None] * n
     d_g, d_m, d_v, d_lr = [], [], [], None
-    for g, m, v, dp, dm, dv in zip(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs,
-                                   d_exp_avg_sqs):
+    for g, m, v, dp, dm, dv in zip(grads, exp_avgs, exp_avg_sqs, d_params, dms, dvs):
         ct = compute_dtype(g.dtype)
         a = lr_t.reshape(()).to(ct) if lr_t is not None else lr
         c = a / bc1
         g32, dp = g.to(ct), dp.to(ct)
         m2 = torch.lerp(m.to(ct), g32, w)
-        v2 = v.to(ct) * beta2 + (1 - beta2) * (g32 * g32)
+        v2 = v.to(ct) * beta2 + (1 - beta2) * g32 * g32
         r = safe_sqrt(v2)
         zero = v2 == 0
         dr = torch.where(zero, torch.zeros_like(v2), 0.5 / torch.where(zero, torch.ones_like(r), r))
         d = r / s + eps
-        M = dm.to(ct) - c * dp / d
-        V = dv.to(ct) + c * dp * m2 / (d * d) * dr / s
+        M = (dm.to(ct) if dm is not None else 0.0) - c * dp / d
+        V = (dv.to(ct) if dv is not None else 0.0) + c * dp * m2 / (d * d) * dr / s
         d_g.append(((1 - beta2) * 2 * g32 * V + w * M).to(g.dtype))
         d_m.append((beta1 * M).to(m.dtype))
         d_v.append((beta2 * V).to(v.dtype))
@@ -239,12 +246,188 @@ register_backend(BWD_METASGD, "torch")(inner_metasgd_vjp_reference)
 register_backend(BWD_ADAM, "torch")(inner_adam_vjp_reference)
 
 
+# Fused backends: native CPU / CUDA (pyoptk._C, csrc/cpu|cuda/inner_step.*) and Triton
+# (pyoptk.kernels.inner_step). They take float32 or float64 arrays: bf16/fp16 params,
+# grads and cotangents are upcast to float32 copies here and the results cast back (the
+# reference does the same math in fp32).
+def _up(ts: Sequence[Tensor], ct: torch.dtype) -> List[Tensor]:
+    return [t if t.dtype == ct else t.to(ct) for t in ts]
+
+
+def _down(ts: Sequence[Tensor], like: Sequence[Tensor]) -> List[Tensor]:
+    return [t if t.dtype == r.dtype else t.to(r.dtype) for t, r in zip(ts, like)]
+
+
+def _lr_arg(lr_t: Optional[Tensor], ct: torch.dtype) -> Optional[Tensor]:
+    return None if lr_t is None else lr_t.reshape(1).to(ct).contiguous()
+
+
+def _d_lr(total: Optional[Tensor], lr_t: Optional[Tensor], scale: float) -> Optional[Tensor]:
+    """``-total * scale`` as a tensor of ``lr_t``'s dtype and shape (None without lr_t)."""
+    if lr_t is None:
+        return None
+    return (-total * scale).to(lr_t.dtype).reshape(lr_t.shape)
+
+
+class _Native:
+    """Launchers of pyoptk._C's inner_* functions for one device type."""
+
+    def __init__(self, device_type: str):
+        self.cuda = device_type == "cuda"
+
+    def _call(self, name: str, *args, device=None):
+        fn = getattr(native(), f"{name}_{'cuda' if self.cuda else 'cpu'}")
+        if self.cuda:
+            return fn(*args, nc.stream_handle(device))
+        return fn(*args)
+
+    def _partials(self, numels, ct, device) -> Tensor:
+        n = native().inner_step_num_chunks(numels)
+        # CPU partials are double; CUDA's are in the compute dtype.
+        return torch.zeros(n, dtype=ct if self.cuda else torch.float64, device=device)
+
+    def sgd(self, params, grads, lr, lr_t, lrs=None):
+        ct = compute_dtype(params[0].dtype)
+        p, g = _up(params, ct), _up(grads, ct)
+        a = _up(lrs, ct) if lrs is not None else []
+        lt = _lr_arg(lr_t, ct)
+        out = [torch.empty_like(x) for x in p]
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt))
+        self._call("inner_sgd", nc.ptrs(p), nc.ptrs(g), nc.ptrs(a), nc.ptrs(out), nc.numels(p),
+                   ct == torch.float64, cfg, device=p[0].device)
+        return _down(out, params)
+
+    def sgd_backward(self, grads, d_params, lr, lr_t, lrs=None):
+        ct = compute_dtype(grads[0].dtype)
+        g, dp = _up(grads, ct), _up(d_params, ct)
+        a = _up(lrs, ct) if lrs is not None else []
+        lt = _lr_arg(lr_t, ct)
+        d_g = [torch.empty_like(x) for x in g]
+        d_a = [torch.empty_like(x) for x in a]
+        want_sum = lrs is None and lr_t is not None
+        part = self._partials(nc.numels(g), ct, g[0].device) if want_sum else None
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt))
+        self._call("inner_sgd_backward", nc.ptrs(g), nc.ptrs(a), nc.ptrs(dp), nc.ptrs(d_g),
+                   nc.ptrs(d_a), nc.numels(g), ct == torch.float64, cfg,
+                   part.data_ptr() if part is not None and part.numel() else 0,
+                   device=g[0].device)
+        total = part.sum().to(ct) if part is not None else None
+        return _down(d_g, grads), (_down(d_a, lrs) if lrs is not None else None), total
+
+    def adam(self, params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(params[0].dtype)
+        p, g, m, v = _up(params, ct), _up(grads, ct), _up(ms, ct), _up(vs, ct)
+        lt = _lr_arg(lr_t, ct)
+        po, mo, vo = ([torch.empty_like(x) for x in lst] for lst in (p, m, v))
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt), beta1=beta1, beta2=beta2,
+                                       eps=eps, step=step)
+        self._call("inner_adam", nc.ptrs(p), nc.ptrs(g), nc.ptrs(m), nc.ptrs(v), nc.ptrs(po),
+                   nc.ptrs(mo), nc.ptrs(vo), nc.numels(p), ct == torch.float64, cfg,
+                   device=p[0].device)
+        return _down(po, params), _down(mo, ms), _down(vo, vs)
+
+    def adam_backward(self, grads, ms, vs, dps, dms, dvs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(grads[0].dtype)
+        g, m, v = _up(grads, ct), _up(ms, ct), _up(vs, ct)
+        dp, dm, dv = _up(dps, ct), _up(dms, ct), _up(dvs, ct)
+        lt = _lr_arg(lr_t, ct)
+        dgo, dmo, dvo = ([torch.empty_like(x) for x in lst] for lst in (g, m, v))
+        part = self._partials(nc.numels(g), ct, g[0].device) if lr_t is not None else None
+        cfg = native().InnerStepConfig(lr=lr, lr_ptr=nc.lr_ptr(lt), beta1=beta1, beta2=beta2,
+                                       eps=eps, step=step)
+        self._call("inner_adam_backward", nc.ptrs(g), nc.ptrs(m), nc.ptrs(v), nc.ptrs(dp),
+                   nc.ptrs(dm), nc.ptrs(dv), nc.ptrs(dgo), nc.ptrs(dmo), nc.ptrs(dvo),
+                   nc.numels(g), ct == torch.float64, cfg,
+                   part.data_ptr() if part is not None and part.numel() else 0,
+                   device=g[0].device)
+        total = part.sum().to(ct) if part is not None else None
+        return _down(dgo, grads), _down(dmo, ms), _down(dvo, vs), total
+
+
+class _Triton:
+    """Launchers of pyoptk.kernels.inner_step (same interface as _Native)."""
+
+    @staticmethod
+    def _k():
+        from pyoptk.kernels import inner_step as k
+
+        return k
+
+    def sgd(self, params, grads, lr, lr_t, lrs=None):
+        ct = compute_dtype(params[0].dtype)
+        out = self._k().sgd(_up(params, ct), _up(grads, ct),
+                            _up(lrs, ct) if lrs is not None else None, lr, _lr_arg(lr_t, ct))
+        return _down(out, params)
+
+    def sgd_backward(self, grads, d_params, lr, lr_t, lrs=None):
+        ct = compute_dtype(grads[0].dtype)
+        d_g, d_a, total = self._k().sgd_backward(
+            _up(grads, ct), _up(lrs, ct) if lrs is not None else None, _up(d_params, ct), lr,
+            _lr_arg(lr_t, ct))
+        return _down(d_g, grads), (_down(d_a, lrs) if lrs is not None else None), total
+
+    def adam(self, params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(params[0].dtype)
+        po, mo, vo = self._k().adam(_up(params, ct), _up(grads, ct), _up(ms, ct), _up(vs, ct),
+                                    step, lr, _lr_arg(lr_t, ct), beta1, beta2, eps)
+        return _down(po, params), _down(mo, ms), _down(vo, vs)
+
+    def adam_backward(self, grads, ms, vs, dps, dms, dvs, step, lr, lr_t, beta1, beta2, eps):
+        ct = compute_dtype(grads[0].dtype)
+        dgo, dmo, dvo, total = self._k().adam_backward(
+            _up(grads, ct), _up(ms, ct), _up(vs, ct), _up(dps, ct), _up(dms, ct), _up(dvs, ct),
+            step, lr, _lr_arg(lr_t, ct), beta1, beta2, eps)
+        return _down(dgo, grads), _down(dmo, ms), _down(dvo, vs), total
+
+
+def _register_fused(backend: str, impl) -> None:
+    """Registers ``impl``'s launchers as ``backend`` of the six ops."""
+
+    def sgd(params, grads, lr, lr_t):
+        return impl.sgd(params, grads, lr, lr_t)
+
+    def metasgd(params, grads, lrs):
+        return impl.sgd(params, grads, 0.0, None, lrs)
+
+    def adam(params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps):
+        return impl.adam(params, grads, ms, vs, step, lr, lr_t, beta1, beta2, eps)
+
+    def sgd_bwd(grads, d_params, lr, lr_t):
+        d_g, _, total = impl.sgd_backward(grads, d_params, lr, lr_t)
+        return d_g, _d_lr(total, lr_t, 1.0)
+
+    def metasgd_bwd(grads, lrs, d_params):
+        d_g, d_a, _ = impl.sgd_backward(grads, d_params, 0.0, None, lrs)
+        return d_g, d_a
+
+    def adam_bwd(grads, ms, vs, dps, dms, dvs, step, lr, lr_t, beta1, beta2, eps):
+        d_g, d_m, d_v, total = impl.adam_backward(grads, ms, vs, dps, dms, dvs, step, lr, lr_t,
+                                                  beta1, beta2, eps)
+        return d_g, d_m, d_v, _d_lr(total, lr_t, 1.0 / adam_scalars(step, beta1, beta2)[0])
+
+    for op, fn in ((OP_SGD, sgd), (OP_METASGD, metasgd), (OP_ADAM, adam), (BWD_SGD, sgd_bwd),
+                   (BWD_METASGD, metasgd_bwd), (BWD_ADAM, adam_bwd)):
+        register_backend(op, backend)(fn)
+
+
+_register_fused("cpu", _Native("cpu"))
+_register_fused("cuda", _Native("cuda"))
+_register_fused("triton", _Triton())
+
+
 def _impl(op: str, device_type: str):
     return implementation(op, device_type)
 
 
 def _contig(ts: Sequence[Tensor]) -> List[Tensor]:
     return [t.contiguous() for t in ts]
+
+
+def _zeros_or_empty(cts, refs) -> List[Tensor]:
+    """``[]`` when every cotangent is undefined, else :func:`_zeros_for`."""
+    if cts is None or all(c is None for c in cts):
+        return []
+    return _zeros_for(cts, refs)
 
 
 def _zeros_for(cts, refs) -> List[Tensor]:
@@ -346,7 +529,7 @@ def _inner_adam_backward_op(grads: List[Tensor], exp_avgs: List[Tensor],
                             eps: float
                             ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], Tensor]:
     """``(d_grads, d_exp_avgs, d_exp_avg_sqs, d_lr)`` (``d_lr`` empty when ``lr_t`` is
-    None)."""
+    None). ``d_exp_avgs`` / ``d_exp_avg_sqs`` may be empty lists: zero cotangents."""
     if not grads:
         return [], [], [], (torch.zeros_like(lr_t) if lr_t is not None else torch.zeros(0))
     d_g, d_m, d_v, d_lr = _impl(BWD_ADAM, grads[0].device.type)(
@@ -426,8 +609,10 @@ def _adam_backward(ctx, d_new_p, d_new_m, d_new_v):
     grads, ms, vs = (list(saved[k * n:(k + 1) * n]) for k in range(3))
     step, lr, beta1, beta2, eps = ctx.scalars
     d_p = _zeros_for(d_new_p, grads)
-    d_m2 = _zeros_for(d_new_m, ms)
-    d_v2 = _zeros_for(d_new_v, vs)
+    # Unused new moments (the last inner step's): an empty list, which the kernels read
+    # as zero, instead of materialized zeros (a third of the backward's time on CPU).
+    d_m2 = _zeros_or_empty(d_new_m, ms)
+    d_v2 = _zeros_or_empty(d_new_v, vs)
     d_g, d_m, d_v, d_lr = torch.ops.pyoptk.inner_adam_backward(
         grads, ms, vs, d_p, d_m2, d_v2, step, lr, lr_t, beta1, beta2, eps)
     tail[2] = d_lr if lr_t is not None else None
@@ -518,16 +703,19 @@ _inner_metasgd_backward_op.register_autograd(_metasgd_bwd_backward,
 
 def _adam_bwd_setup(ctx, inputs, output):
     (grads, ms, vs, d_p, d_m, d_v, step, lr, lr_t, beta1, beta2, eps) = inputs
-    ctx.n, ctx.has_lr = len(grads), lr_t is not None
+    ctx.lens = [len(x) for x in (grads, ms, vs, d_p, d_m, d_v)]  # d_m, d_v may be []
+    ctx.has_lr = lr_t is not None
     ctx.scalars = (step, lr, beta1, beta2, eps)
     ctx.save_for_backward(*grads, *ms, *vs, *d_p, *d_m, *d_v,
                           *([lr_t] if lr_t is not None else []))
 
 
 def _adam_bwd_backward(ctx, a_g, a_m, a_v, a_lr):
-    saved, n = ctx.saved_tensors, ctx.n
-    lists = [list(saved[k * n:(k + 1) * n]) for k in range(6)]
-    lr_t = saved[6 * n] if ctx.has_lr else None
+    saved, lists, k = ctx.saved_tensors, [], 0
+    for length in ctx.lens:
+        lists.append(list(saved[k:k + length]))
+        k += length
+    lr_t = saved[k] if ctx.has_lr else None
     step, lr, beta1, beta2, eps = ctx.scalars
     warn_once((BWD_ADAM, "double"),
               "pyoptk::inner_adam: the double backward (gradients of the fused backward) "
@@ -607,6 +795,11 @@ def _check_lr(op: str, lr, params: List[Tensor]) -> Tuple[float, Optional[Tensor
         if params and lr.device != params[0].device:
             raise ValueError(f"{op}: lr tensor is on {lr.device}, expected {params[0].device}")
         ct = compute_dtype(params[0].dtype) if params else torch.float32
+        if lr.dim() == 0 and lr.dtype == ct:
+            # Passed as is (no view): under torch.compile the op then saves the user's
+            # tensor itself, so a double backward reaches torch's "does not support
+            # double backward" error instead of a disconnected graph.
+            return 0.0, lr
         return 0.0, lr.reshape(()).to(ct)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"{op}: lr must be a float or a tensor, got {type(lr).__name__}")

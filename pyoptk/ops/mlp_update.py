@@ -58,6 +58,9 @@ from pyoptk.ops import _native_call as nc
 from pyoptk.ops._validation import PARAM_DTYPES, STATE_DTYPE, check_lr, check_steps
 
 OP = "mlp_update_"
+#: Added to ``r/vbar`` under the rsqrt of the row/column factor features (2^-7: exact in
+#: every float type; the kernels use the same constant).
+FACTOR_FLOOR = 0.0078125
 
 __all__ = [
     "MLPUpdateHyper", "mlp_update_", "mlp_update_reference", "mlp_update_functional",
@@ -212,22 +215,27 @@ def factored_features(fac_row: Tensor, fac_col: Tensor, vbar: Tensor,
 
     * ``vhat = r[row]·c[col]/vbar`` — Adafactor's rank-1 estimate of E[g²] (the full
       accumulator for 0/1-dim tensors);
-    * ``row_factor = rsqrt(r[row]/vbar)`` and ``col_factor = rsqrt(c[col]/vbar)``,
-      broadcast over the tensor (both ``rsqrt(v/vbar)`` for 0/1-dim tensors).
+    * ``row_factor = rsqrt(r[row]/vbar + FACTOR_FLOOR)`` and
+      ``col_factor = rsqrt(c[col]/vbar + FACTOR_FLOOR)``, broadcast over the tensor (both
+      ``rsqrt(v/vbar + FACTOR_FLOOR)`` for 0/1-dim tensors).
+
+    The floor bounds the factors by ``sqrt(1/FACTOR_FLOOR) ≈ 11.3``: a row (or element)
+    whose gradients are ~0 — a dead unit — would otherwise get ``rsqrt(fac_eps/vbar)``
+    ~ 1e15, and the MLP's output explodes once its weights move from their init.
     """
     n_fac = vbar.shape[0]
     n = math.prod(shape)
     vb = vbar.reshape(n_fac, 1)
     if is_factored(shape):
         rows, cols = matrix_shape(shape)
-        rf = torch.rsqrt(fac_row / vb)
-        cf = torch.rsqrt(fac_col / vb)
+        rf = torch.rsqrt(fac_row / vb + FACTOR_FLOOR)
+        cf = torch.rsqrt(fac_col / vb + FACTOR_FLOOR)
         vhat = (fac_row.unsqueeze(2) * fac_col.unsqueeze(1) / vb.unsqueeze(2)).reshape(n_fac, n)
         row_f = rf.unsqueeze(2).expand(n_fac, rows, cols).reshape(n_fac, n)
         col_f = cf.unsqueeze(1).expand(n_fac, rows, cols).reshape(n_fac, n)
         return vhat, row_f, col_f
     vhat = fac_row.reshape(n_fac, n)
-    rf = torch.rsqrt(vhat / vb)
+    rf = torch.rsqrt(vhat / vb + FACTOR_FLOOR)
     return vhat, rf, rf
 
 

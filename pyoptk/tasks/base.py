@@ -27,11 +27,19 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Task", "TaskFamily", "TaskSpec", "derive_seed", "generator", "SPLIT_NAMES"]
+__all__ = ["Task", "TaskFamily", "TaskSpec", "derive_seed", "generator", "SPLIT_NAMES",
+           "check_split"]
 
 # Data splits of one task (train: the inner loop's batches; valid: what meta-training's
 # outer loss and early stopping look at; test: reporting only).
 SPLIT_NAMES = ("train", "valid", "test")
+
+
+def check_split(split: str) -> str:
+    """``split`` if it is a data split name, else ``ValueError`` listing them."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {list(SPLIT_NAMES)}, got {split!r}")
+    return split
 
 
 def derive_seed(*parts: Any) -> int:
@@ -82,6 +90,11 @@ class Task(abc.ABC):
     def name(self) -> str:
         """``family/seed``, for tables and logs."""
         return f"{self.family}/{self.seed}"
+
+    @property
+    def param_count(self) -> int:
+        """Number of scalar parameters (elements of :meth:`init_params`)."""
+        return sum(t.numel() for t in self.init_params().values())
 
     @abc.abstractmethod
     def init_params(self, seed: Optional[int] = None, *, dtype: torch.dtype = torch.float32,

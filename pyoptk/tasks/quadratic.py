@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from pyoptk.tasks.base import Task, TaskFamily, derive_seed, generator
+from pyoptk.tasks.base import Task, TaskFamily, check_split, generator
 
 __all__ = ["QuadraticTask", "QuadraticFamily"]
 
@@ -59,6 +59,7 @@ class QuadraticTask(Task):
     def batch(self, step: int, split: str = "train", *,
               device: Optional[torch.device] = None) -> Tensor:
         """The noisy target ``x* + σ ξ`` of this step (float64 on CPU; cast in loss)."""
+        check_split(split)
         if self.hparams["noise"] == 0.0:
             return self.target.to(device=device)
         g = generator(self.family, self.seed, split, int(step))

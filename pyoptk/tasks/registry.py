@@ -3,7 +3,7 @@ resumable sampler of tasks from a split."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 from pyoptk.tasks.base import Task, TaskFamily, TaskSpec, derive_seed
 

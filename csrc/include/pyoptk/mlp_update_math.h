@@ -125,6 +125,16 @@ template <typename S>
 PYOPTK_HD S rsqrt_rn(S a) {
   return div_rn(S(1), sqrt_rn(a));
 }
+
+// Row/column factor features rsqrt(r/vbar + floor). The floor (2^-7, exact in every
+// float type) bounds them by sqrt(128) ~ 11.3: without it a row or an element whose
+// gradients are ~0 (a dead unit) gets rsqrt(fac_eps/vbar) ~ 1e15 and the MLP output
+// explodes as soon as its weights are trained. The backward's d/dx = -0.5 y^3 / vbar
+// is unchanged in form (y is the floored value).
+template <typename S>
+PYOPTK_HD S factor_feature(S r, S vbar) {
+  return rsqrt_rn(add_rn(div_rn(r, vbar), S(0.0078125)));
+}
 PYOPTK_HD float fma_rn(float a, float b, float c) { return fmaf(a, b, c); }
 PYOPTK_HD double fma_rn(double a, double b, double c) { return fma(a, b, c); }
 PYOPTK_HD float log_(float a) { return logf(a); }
@@ -350,23 +360,23 @@ PYOPTK_HD void mlp_scale_free_features(const MLPDims& dm, const MLPConsts<S>& c,
     if (ts.factored) {
       PYOPTK_LANES
       for (int l = 0; l < L; ++l) {
-        // vhat = r*c/vbar; row = rsqrt(r/vbar); col = rsqrt(c/vbar)
+        // vhat = r*c/vbar; row = rsqrt(r/vbar + floor); col = rsqrt(c/vbar + floor)
         const S ivh_l = rsqrt_rn(add_rn(div_rn(mul_rn(a[l], b[l]), vb), c.eps));
         if (KeepIvh) iv[l] = ivh_l;
         xg[l] = mul_rn(g[l], ivh_l);
         if (fm) xm[l] = mul_rn(mf[l], ivh_l);
-        xr[l] = rsqrt_rn(div_rn(a[l], vb));
-        xc[l] = rsqrt_rn(div_rn(b[l], vb));
+        xr[l] = factor_feature(a[l], vb);
+        xc[l] = factor_feature(b[l], vb);
       }
     } else {
       PYOPTK_LANES
       for (int l = 0; l < L; ++l) {
-        // vhat = u; row = col = rsqrt(u/vbar)
+        // vhat = u; row = col = rsqrt(u/vbar + floor)
         const S ivh_l = rsqrt_rn(add_rn(a[l], c.eps));
         if (KeepIvh) iv[l] = ivh_l;
         xg[l] = mul_rn(g[l], ivh_l);
         if (fm) xm[l] = mul_rn(mf[l], ivh_l);
-        const S rf = rsqrt_rn(div_rn(a[l], vb));
+        const S rf = factor_feature(a[l], vb);
         xr[l] = rf;
         xc[l] = rf;
       }
