@@ -6,7 +6,9 @@
     pyoptk compare [...]        one task, several optimizers, one loss-curve plot
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
     pyoptk bench learned [...]  learned-optimizer step, memory and meta-gradient costs
+    pyoptk bench maml [...]     MAML meta-gradient time and memory vs higher / autograd
     pyoptk meta-train --config CFG [--resume] [--out DIR]   meta-train a learned optimizer
+    pyoptk meta-init train|finetune [...]   meta-learned initialization (MAML/Reptile)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _demo(argv: List[str]) -> int:
 
 def _bench(argv: List[str]) -> int:
     suites = {"optim": "pyoptk.bench.optim", "learned": "pyoptk.bench.learned",
-              "meta": "pyoptk.bench.meta"}
+              "meta": "pyoptk.bench.meta", "maml": "pyoptk.bench.maml"}
     if not argv or argv[0] not in suites:
         print(f"usage: pyoptk bench {{{','.join(suites)}}} [options]", file=sys.stderr)
         return 2
@@ -59,8 +61,14 @@ def _meta_train(argv: List[str]) -> int:
     return main(argv)
 
 
+def _meta_init(argv: List[str]) -> int:
+    from pyoptk.meta.universal_init import main
+
+    return main(argv)
+
+
 COMMANDS = {"info": _info, "demo": _demo, "eval": _eval, "compare": _compare,
-            "meta-train": _meta_train, "bench": _bench}
+            "meta-train": _meta_train, "bench": _bench, "meta-init": _meta_init}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
