@@ -456,3 +456,21 @@ def test_validation_split_and_log_loss():
         pytest.approx(math.log(train), rel=1e-12)
     with pytest.raises(ValueError, match="validation.split"):
         MetaTrainConfig.from_dict({"validation": {"split": "holdout"}})
+
+
+def test_validation_log_loss_floors_solved_tasks():
+    import math
+
+    from pyoptk.learned import MLPConfig, init_meta_params
+    from pyoptk.meta.trainer import LOG_LOSS_FLOOR, validation_loss
+    from pyoptk.tasks import QuadraticTask
+
+    class Solved(QuadraticTask):
+        def eval_loss(self, params, split="valid", *, device=None):
+            return torch.zeros(())
+
+    task = Solved(0, dim=4)
+    cfg = MLPConfig()
+    got = validation_loss(task, init_meta_params(cfg, 0), cfg, 2, torch.device("cpu"),
+                          "train", True)
+    assert got == math.log(LOG_LOSS_FLOOR)

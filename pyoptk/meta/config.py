@@ -137,8 +137,9 @@ class ValidationConfig:
             on. "train" scores optimization itself (what the meta-loss trains for and
             what ``pyoptk eval`` reports); "valid" scores generalization, which a fast
             optimizer can lose to overfitting on the small bundled data sets.
-        log_loss (bool, default False): average ``log`` of the final losses, so tasks
-            whose losses differ by orders of magnitude weigh alike.
+        log_loss (bool, default False): average ``log(max(loss, 1e-8))`` of the final
+            losses, so tasks whose losses differ by orders of magnitude weigh alike
+            (below 1e-8 a task counts as solved).
     """
 
     every: int = 0

@@ -178,6 +178,9 @@ class _LossScaler:
 
 
 # ---- validation -------------------------------------------------------------------
+#: ``validation.log_loss`` scores ``log(max(loss, LOG_LOSS_FLOOR))``.
+LOG_LOSS_FLOOR = 1e-8
+
 def validation_loss(task: Task, meta_params: Mapping[str, Tensor], config, horizon: int,
                     device: torch.device, split: str = "valid", log_loss: bool = False
                     ) -> float:
@@ -200,7 +203,9 @@ def validation_loss(task: Task, meta_params: Mapping[str, Tensor], config, horiz
         final = float(task.eval_loss(OrderedDict(zip(names, plist)), split, device=device))
     if not math.isfinite(final):
         return math.inf
-    return math.log(max(final, 1e-30)) if log_loss else final
+    # Below LOG_LOSS_FLOOR a task counts as solved: without a floor, one task fitted to
+    # loss 0 (log 1e-30 = -69) would outweigh all the others in the mean.
+    return math.log(max(final, LOG_LOSS_FLOOR)) if log_loss else final
 
 
 # ---- the trainer ------------------------------------------------------------------
