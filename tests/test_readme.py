@@ -9,7 +9,8 @@ import pytest
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 # Sections whose ```python blocks must run as they are.
 SECTIONS = ["Quick start: replace `torch.optim.AdamW`", "Learned optimizers",
-            "Calling the fused ops from your own loop"]
+            "Meta-training your own optimizer", "Calling the fused ops from your own loop",
+            "Few-shot meta-learning: MAML, Reptile, ProtoNets"]
 
 
 def _blocks():
