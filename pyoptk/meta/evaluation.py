@@ -185,9 +185,7 @@ class EvalReport:
 
     def table(self) -> str:
         """A plain-text table: one row per (task, optimizer)."""
-        head = f"{'task':<28} {'optimizer':<24} {'final loss':>11} {'test loss':>10} " \
-               f"{'steps→base':>10} {'wall s':>7}"
-        lines = [head, "-" * len(head)]
+        rows = []
         for task, per in self.runs.items():
             base = per.get("adamw")
             for name, r in per.items():
@@ -196,8 +194,15 @@ class EvalReport:
                     s = steps_to_reach(r.losses, base.final_loss, _window(self.steps))
                     reach = str(s) if s is not None else "never"
                 label = name if r.lr is None else f"{name} (lr={r.lr:g})"
-                lines.append(f"{task:<28} {label:<24} {r.final_loss:>11.4g} {r.test_loss:>10.4g} "
-                             f"{reach:>10} {r.wall_s:>7.2f}")
+                rows.append((task, label, f"{r.final_loss:.4g}", f"{r.test_loss:.4g}", reach,
+                             f"{r.wall_s:.2f}"))
+        wt = max([4] + [len(r[0]) for r in rows])
+        wo = max([9] + [len(r[1]) for r in rows])
+        head = f"{'task':<{wt}} {'optimizer':<{wo}} {'final loss':>11} {'test loss':>10} " \
+               f"{'steps→base':>10} {'wall s':>7}"
+        lines = [head, "-" * len(head)]
+        lines += [f"{t:<{wt}} {o:<{wo}} {f:>11} {te:>10} {st:>10} {w:>7}"
+                  for t, o, f, te, st, w in rows]
         others = [o for o in self.optimizers if o not in ("adamw", "adamw-tuned")]
         for o in others:
             for base in ("adamw", "adamw-tuned"):
