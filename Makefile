@@ -74,6 +74,11 @@ wheel-check: wheel
 	    import re; maps = open('/proc/self/maps').read(); \
 	    assert len(set(re.findall(r'\S*libgomp\S*', maps))) == 1, 'two OpenMP runtimes loaded'"
 	cd /tmp && $(abspath $(WHEEL_VENV))/bin/python $(abspath examples/custom_loop.py)
+	cd /tmp && $(abspath $(WHEEL_VENV))/bin/python -c "import torch, pyoptk, pyoptk.tasks as T; \
+	    from pyoptk.learned.pretrained import available; assert 'mlp-small' in available(), available(); \
+	    p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3); \
+	    pyoptk.optim.MLPOptimizer.from_pretrained('mlp-small', [p]).step(); \
+	    t = T.build_task(T.TaskSpec('char_lm', 0)); t.loss(t.init_params(), t.batch(0)); print('shipped rule and text ok')"
 
 clean:
 	rm -rf build dist wheelhouse $(VENV)
