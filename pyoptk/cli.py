@@ -1,11 +1,12 @@
 """The ``pyoptk`` command.
 
     pyoptk info                 build, backends, which backend each op uses
-    pyoptk demo [--out DIR]     digits: torch AdamW vs pyoptk AdamW / LAMB / Lookahead
+    pyoptk demo [--out DIR]     digits: torch AdamW vs pyoptk AdamW / LAMB / Lookahead / mlp-small
     pyoptk eval [...]           optimizers over a task split vs AdamW (default and tuned lr)
     pyoptk compare [...]        one task, several optimizers, one loss-curve plot
     pyoptk bench optim [...]    optimizer step benchmarks (``pyoptk bench optim -h``)
     pyoptk bench learned [...]  learned-optimizer step, memory and meta-gradient costs
+    pyoptk bench meta [...]     meta-training throughput: TBPTT and PES vs plain PyTorch
     pyoptk bench maml [...]     MAML meta-gradient time and memory vs higher / autograd
     pyoptk meta-train --config CFG [--resume] [--out DIR]   meta-train a learned optimizer
     pyoptk meta-init train|finetune [...]   meta-learned initialization (MAML/Reptile)

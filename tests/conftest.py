@@ -25,3 +25,15 @@ def _reset_backend():
     pyoptk.set_backend(None)
     yield
     pyoptk.set_backend(None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny problems (tasks, meta-training, MAML):
+    there a second thread only adds synchronization, which on a loaded 2-core machine
+    costs several times the work. Use with ``pytestmark =
+    pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,13 +16,7 @@ from pyoptk.tasks import QuadraticTask
 CFG = MLPConfig()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: a second intra-op thread only adds synchronization.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plain_tbptt_is_the_estimators_gradient():

@@ -11,6 +11,8 @@ from pyoptk.meta import evaluation as ev
 from pyoptk.optim import MLPOptimizer
 from pyoptk.tasks import QuadraticTask, TaskSampler
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def quad(seed=0, **kw):
     kw = {"dim": 16, "cond": 10.0, **kw}

@@ -10,14 +10,7 @@ from pyoptk.tasks.fewshot import DIGITS_SPLITS, DigitsEpisodes, load_digits, sta
 from pyoptk.tasks.sinusoid import SinusoidEpisodes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny: one intra-op thread is faster, and on a shared CPU
-    avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_episode_shapes_and_labels():

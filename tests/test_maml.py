@@ -17,14 +17,7 @@ from pyoptk.tasks.fewshot import DigitsEpisodes
 from pyoptk.tasks.sinusoid import SinusoidEpisodes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny: one intra-op thread is faster, and on a shared CPU
-    avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LR, STEPS, T = 0.05, 3, 3
 

@@ -7,14 +7,7 @@ import torch
 from pyoptk.bench import maml as bench
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny: one intra-op thread is faster, and on a shared CPU
-    avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_rows_and_agreement():

@@ -14,14 +14,7 @@ from pyoptk.meta.universal_init import (
     InitConfig, build_model, evaluate_fine_tune, load_init, meta_init, save_init)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny: one intra-op thread is faster, and on a shared CPU
-    avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(seed=0):

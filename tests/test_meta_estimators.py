@@ -21,14 +21,7 @@ CFG = MLPConfig()
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Every problem here is tiny (≤ 4k elements): a second intra-op thread only adds
-    # synchronization, which on a loaded machine costs several times the work itself.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta64(seed=0):

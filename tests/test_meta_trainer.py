@@ -55,9 +55,19 @@ class _Family(TaskFamily):
         return self.cls(seed, dim=8, cond=10.0, noise=0.1)
 
 
-for _cls in (Quad8Task, NanTask, MatmulTask):
-    if _cls.family not in family_names():
-        register_family(_Family(_cls))
+TEST_FAMILIES = (Quad8Task, NanTask, MatmulTask)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _test_families():
+    """Register this module's families for its tests only (the registry is global: left
+    registered, they would show up in other modules' lists of shipped families)."""
+    from pyoptk.tasks import registry
+
+    with pytest.MonkeyPatch.context() as mp:
+        for cls in TEST_FAMILIES:
+            mp.setitem(registry._FAMILIES, cls.family, _Family(cls))
+        yield
 
 
 def make_config(tmp, **over):
@@ -381,6 +391,9 @@ def test_cuda_resume_is_bit_exact(tmp_path, precision):
 # ---- distributed -------------------------------------------------------------------
 def _worker(rank, world, cfg_dict, init_file, out):
     torch.set_num_threads(1)
+    for cls in TEST_FAMILIES:  # a fresh process: the fixture did not run here
+        if cls.family not in family_names():
+            register_family(_Family(cls))
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
                                          rank=rank, world_size=world)
     try:

@@ -9,14 +9,7 @@ from pyoptk.meta.task_encoder import AmortizedLearner, ConditionedMLP, TaskEncod
 from pyoptk.tasks.sinusoid import SinusoidEpisodes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems here are tiny: one intra-op thread is faster, and on a shared CPU
-    avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def learner(mode, variational=False, **kw):

@@ -20,13 +20,7 @@ SEEDS = (0, 1, 2)
 ADAM_LR = {"quadratic": 5e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tasks are tiny: extra intra-op threads only add contention (and time).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _equal_batches(a, b):

@@ -5,7 +5,10 @@ meta-parameters with its metadata (rule name, version, config, identity hash), a
 written by :meth:`pyoptk.optim.LearnedOptimizer.save_pretrained`, and is loaded by
 name with ``MLPOptimizer.from_pretrained("<name>", model.parameters())``.
 
-No weights are shipped yet: :func:`available` lists what this installation has.
+Shipped: ``mlp-small`` — the default MLP rule meta-trained on the ``train`` task
+families; its model card ``mlp-small.md`` (next to the file) says how it was trained,
+how it compares with AdamW on held-out families, and where it fails.
+:func:`available` lists what this installation has.
 """
 
 from __future__ import annotations
