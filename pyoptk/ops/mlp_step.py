@@ -184,7 +184,10 @@ def _native_backward(inputs, weights, decays, hp: MLPUpdateHyper, cotangents,
             if c is None:
                 ptrs.append(None)
             else:
-                c = c.to(ct).contiguous()
+                if c.dtype != ct:
+                    c = c.to(ct)
+                if not c.is_contiguous():  # (e.g. the expanded cotangent of a sum)
+                    c = c.contiguous()
                 ct_keep.append(c)
                 ptrs.append(c.data_ptr())
         ct_ptrs.append(ptrs)
@@ -225,7 +228,9 @@ def _native_backward(inputs, weights, decays, hp: MLPUpdateHyper, cotangents,
             for k, offs in pending:
                 out_ptrs[k] = [base + o * isz for o in offs]
     d_lr = torch.empty((), dtype=ct, device=decays.device) if hp.lr_t is not None else None
-    lr_t = hp.lr_t.to(ct).contiguous() if hp.lr_t is not None else None
+    lr_t = hp.lr_t
+    if lr_t is not None and (lr_t.dtype != ct or not lr_t.is_contiguous()):
+        lr_t = lr_t.to(ct).contiguous()
     rows, cols, fac = [], [], []
     for p in params:
         s = p.shape
