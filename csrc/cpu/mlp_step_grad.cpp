@@ -171,6 +171,67 @@ PYOPTK_HD void recompute_planes(const BlockArgs<T>& a) {
   }
 }
 
+// Pass 0 on one block: the recomputed planes and the forward's statistics (sum P_i^2,
+// row/column sums of g^2 + fac_eps or the full accumulators' sums, the finite flag),
+// accumulated in element order.
+template <typename T>
+struct Pass0Args {
+  const BlockArgs<T>* ba;
+  Work<T>* w;
+  const Tile* tl;
+  double* pp;
+  const PartLayout* pl;
+  T fac_eps;
+  int Q;
+  bool* finite;
+};
+
+template <typename T>
+struct Pass0K {
+  PYOPTK_LOOP void run(const Pass0Args<T>* ap) {
+    const Pass0Args<T>& a = *ap;
+    const BlockArgs<T>& ba = *a.ba;
+    Work<T>& w = *a.w;
+    const Tile& tl = *a.tl;
+    const Block<T>& blk = *ba.bl;
+    double* pp = a.pp;
+    const PartLayout& pl = *a.pl;
+    const int N = pl.N, F = pl.F, Q = a.Q, nb = ba.nb;
+    const int64_t eb = ba.e0;
+    recompute_planes(ba);
+    bool finite = *a.finite;
+    for (int l = 0; l < nb; ++l) finite = finite && std::isfinite(blk.g[l]);
+    *a.finite = finite;
+    for (int i = 0; i < N; ++i) {
+      const T* Pi = blk.P + i * kB;
+      double acc = pp[pl.off_A() + i];
+      for (int l = 0; l < nb; ++l) {
+        const double q = static_cast<double>(Pi[l]);
+        acc += q * q;
+      }
+      pp[pl.off_A() + i] = acc;
+    }
+    if (w.factored) {
+      if (F > 0) {
+        int64_t r = eb / w.cols, c = eb - (eb / w.cols) * w.cols;
+        for (int l = 0; l < nb; ++l) {
+          const double g2e = static_cast<double>(mlp::fac_input(blk.g[l], a.fac_eps));
+          w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q)] += g2e;
+          w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q)] += g2e;
+          if (++c == w.cols) {
+            c = 0;
+            ++r;
+          }
+        }
+      }
+    } else {
+      for (int f = 0; f < F; ++f)
+        for (int l = 0; l < nb; ++l)
+          pp[pl.off_U() + f] += static_cast<double>(blk.fa[f * kB + l]);
+    }
+  }
+};
+
 // B1's recomputed forward of a block: planes, features (keeping rsqrt(vhat+eps)) and
 // every layer's output, the forward's functions throughout.
 template <typename T>
@@ -750,40 +811,12 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
     ba.w = &w;
     ba.bl = &blk;
     bool finite = true;
+    const Pass0Args<T> p0{&ba, &w, &tl, pp, &pl, sc.fac_eps, Q, &finite};
     for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
       for (int64_t eb = e0; eb < e1; eb += kB) {
-        const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
         ba.e0 = eb;
-        ba.nb = nb;
-        recompute_planes(ba);
-        for (int l = 0; l < nb; ++l) finite = finite && std::isfinite(blk.g[l]);
-        for (int i = 0; i < N; ++i) {
-          const T* Pi = blk.P + i * kB;
-          double acc = pp[pl.off_A() + i];
-          for (int l = 0; l < nb; ++l) {
-            const double q = static_cast<double>(Pi[l]);
-            acc += q * q;
-          }
-          pp[pl.off_A() + i] = acc;
-        }
-        if (w.factored) {
-          if (F > 0) {
-            int64_t r = eb / w.cols, c = eb - (eb / w.cols) * w.cols;
-            for (int l = 0; l < nb; ++l) {
-              const double g2e = static_cast<double>(mlp::fac_input(blk.g[l], sc.fac_eps));
-              w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q)] += g2e;
-              w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q)] += g2e;
-              if (++c == w.cols) {
-                c = 0;
-                ++r;
-              }
-            }
-          }
-        } else {
-          for (int f = 0; f < F; ++f)
-            for (int l = 0; l < nb; ++l)
-              pp[pl.off_U() + f] += static_cast<double>(blk.fa[f * kB + l]);
-        }
+        ba.nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
+        cpu::run_loop<Pass0K<T>>(&p0);
       }
     });
     pp[pl.off_finite()] = finite ? 1.0 : 0.0;
