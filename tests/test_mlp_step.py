@@ -360,8 +360,8 @@ def _outs_and_grads(inputs, weights, decays, hp, step_fn, need=None, drop=()):
 
 
 def _bitwise_equal(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(), b.nan_to_num()) \
-        and torch.equal(a.isnan(), b.isnan())
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan()))
 
 
 @needs_native

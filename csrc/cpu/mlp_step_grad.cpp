@@ -792,7 +792,8 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   for (size_t t = 0; t < nt; ++t) fin_work += ws[t].factored ? ws[t].rows + ws[t].cols : 1;
   const int fin_threads = fin_work >= 65536 ? threads : 1;
   int max_w = 2;
-  for (size_t l = 0; l < a.widths.size(); ++l) max_w = std::max<int>(max_w, static_cast<int>(a.widths[l]));
+  for (size_t l = 0; l < a.widths.size(); ++l)
+    max_w = std::max<int>(max_w, static_cast<int>(a.widths[l]));
   std::vector<std::unique_ptr<ThreadBuffers<T>>> pool(static_cast<size_t>(threads));
   auto buffers = [&](int tid) -> ThreadBuffers<T>& {
     std::unique_ptr<ThreadBuffers<T>>& b = pool[static_cast<size_t>(tid)];

@@ -51,7 +51,8 @@ from pyoptk.ops import _native_call as nc
 from pyoptk.ops._eager import _direct_ok
 from pyoptk.ops.mlp_update import (
     MLPUpdateHyper, _check_list, _check_tensor, _hyper, _run_backend, check_step_lists,
-    is_factored, matrix_shape, mlp_update_functional, mlp_update_one, native_mlp_config, rule_op_args)
+    is_factored, matrix_shape, mlp_update_functional, mlp_update_one, native_mlp_config,
+    rule_op_args)
 
 OP = "mlp_step"
 BACKWARD_OP = "mlp_step_backward"
@@ -233,15 +234,11 @@ def _native_backward(inputs, weights, decays, hp: MLPUpdateHyper, cotangents,
         lr_t = lr_t.to(ct).contiguous()
     rows, cols, fac = [], [], []
     for p in params:
-        s = p.shape
-        if len(s) >= 2:  # is_factored / matrix_shape, inlined
-            rows.append(math.prod(s[:-1]))
-            cols.append(s[-1])
-            fac.append(True)
-        else:
-            rows.append(1)
-            cols.append(p.numel())
-            fac.append(False)
+        f = is_factored(p.shape)
+        r, c = matrix_shape(p.shape) if f else (1, p.numel())
+        rows.append(r)
+        cols.append(c)
+        fac.append(f)
     cfg = native_mlp_config(hp, lr_t)
     native().mlp_step_grad_cpu(
         nc.ptrs(p32), nc.ptrs(g32), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),
