@@ -322,6 +322,167 @@ def test_second_order_gradients_match_reference():
         assert_close(a, b, atol=1e-12, rtol=1e-8, what="second order")
 
 
+# ---- the eager fast path (torch.autograd.Function, no torch.library dispatch) ----------------
+def _op_step(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, hp):
+    """The step through torch.ops.pyoptk.mlp_step (the torch.library path)."""
+    lr_f = 0.0 if hp.lr_t is not None else float(hp.lr)
+    out = torch.ops.pyoptk.mlp_step(params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                    list(weights), decays, *mstep.rule_op_args(hp), lr_f,
+                                    hp.lr_t, float(hp.weight_decay))
+    return tuple(list(o) for o in out)
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts forwards run by the eager fast path (the op path never calls it)."""
+    calls = []
+    real = mstep._forward_impl
+    monkeypatch.setattr(mstep, "_forward_impl", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+def _outs_and_grads(inputs, weights, decays, hp, step_fn, need=None, drop=()):
+    """Outputs and the gradients of a random cotangent on the outputs not in ``drop``
+    (indices into the flat outputs: those get no cotangent), w.r.t. the leaves chosen
+    by ``need`` (a predicate on the leaf index; default all)."""
+    fn, leaves = flat_fn(inputs, weights, decays, hp, step_fn)
+    if need is not None:
+        for i, x in enumerate(leaves):
+            x.requires_grad_(x.requires_grad and need(i, len(leaves)))
+    outs = fn(*leaves)
+    gen = torch.Generator().manual_seed(7)
+    cts = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    pairs = [(o, c) for i, (o, c) in enumerate(zip(outs, cts)) if o.requires_grad and i not in drop]
+    want = [x for x in leaves if x.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], want, [c for _, c in pairs],
+                              allow_unused=True)
+    return [o.detach() for o in outs], list(got)
+
+
+def _bitwise_equal(a, b):
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan()))
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["fp32", "fp32-lr_float-small", "bf16", "fp64", "nonfinite",
+                                  "weights_only", "params_out_only"])
+def test_fast_path_bit_identical_to_op(case, fast_calls, kernel_calls):
+    shapes = [(), (3,), (1, 7), (4, 5), (2, 3, 4), (33, 65), (257,), (0,), (2, 0, 3)]
+    kw, need, drop = {"dtype": torch.float32}, None, ()
+    if case == "fp32-lr_float-small":
+        kw.update(config=NO_FAC_MOM_NO_TIME, lr_tensor=False)
+    elif case == "bf16":
+        kw["dtype"], shapes = torch.bfloat16, [(17, 9), (33,)]
+    elif case == "fp64":
+        kw["dtype"], shapes = torch.float64, SMALL_SHAPES
+    elif case == "weights_only":  # meta-training's first step: only the rule needs grads
+        need = lambda i, n: i >= n - 7  # noqa: E731  (w0..b2, decays, lr)
+    inputs, weights, decays, hp = make_case(shapes, **kw)
+    if case == "nonfinite":
+        inputs[1][3].view(-1)[2] = float("nan")
+        inputs[1][6][5] = float("inf")
+    if case == "params_out_only":  # the state outputs get no cotangent (None in backward)
+        drop = set(range(len(shapes), 5 * len(shapes)))
+    fast = _outs_and_grads(inputs, weights, decays, hp, mlp_step, need, drop)
+    assert fast_calls, "the eager fast path was not taken"
+    n_fast_kernel = len(kernel_calls)
+    op = _outs_and_grads(inputs, weights, decays, hp, _op_step, need, drop)
+    assert len(fast_calls) == 1 and len(kernel_calls) == 2 * n_fast_kernel == 2
+    for what, xs, ys in (("output", fast[0], op[0]), ("grad", fast[1], op[1])):
+        assert len(xs) == len(ys)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            assert (x is None) == (y is None), f"{what}[{i}]"
+            assert x is None or _bitwise_equal(x, y), f"{what}[{i}] differs"
+
+
+@needs_native
+def test_fast_path_taken_in_eager_mode(fast_calls):
+    inputs, weights, decays, hp = make_case([(3, 4), (5,)], dtype=torch.float32)
+    out = mlp_step(*inputs, weights, decays, hp)  # nothing needs a gradient
+    assert len(fast_calls) == 1 and out[0][0].grad_fn is None
+    ws = [w.requires_grad_() for w in weights]
+    out = mlp_step(*inputs, ws, decays, hp)
+    assert len(fast_calls) == 2
+    assert type(out[0][0].grad_fn).__name__ == "_MLPStepFunctionBackward"
+    with torch.no_grad():
+        mlp_step(*inputs, ws, decays, hp)
+    assert len(fast_calls) == 3
+
+
+def test_fast_path_not_taken_under_torch_compile(fast_calls):
+    inputs, weights, decays, hp = make_case([(3, 4), (5,)], dtype=torch.float32,
+                                            config=NO_FAC_MOM_NO_TIME)
+    ws = [w.requires_grad_() for w in weights]
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    def loss(ws):
+        out = mlp_step(*inputs, ws, decays, hp)
+        return sum((p * p).sum() for p in out[0])
+
+    torch._dynamo.reset()
+    try:
+        got = torch.autograd.grad(torch.compile(loss, backend=backend)(ws), ws)
+    finally:
+        torch._dynamo.reset()
+    assert any(t in (torch.ops.pyoptk.mlp_step, torch.ops.pyoptk.mlp_step.default)
+               for t in targets), targets
+    assert not fast_calls
+    want = torch.autograd.grad(loss(ws), ws)
+    assert len(fast_calls) == 1
+    assert all(_bitwise_equal(a, b) for a, b in zip(got, want))
+
+
+def test_fast_path_not_taken_under_vmap_or_dispatch_modes(fast_calls):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inputs, weights, decays, hp = make_case([(3, 4), (5,)], dtype=torch.float32)
+
+    def step(w0):
+        return mlp_step(*inputs, [w0] + weights[1:], decays, hp)[0][0]
+
+    # functorch transforms see the op (which has no batching rule: vmap raises there)
+    with pytest.raises(RuntimeError, match="pyoptk::mlp_step"):
+        torch.func.vmap(step)(torch.stack([weights[0]] * 2))
+    assert not fast_calls
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        step(weights[0])
+    assert torch.ops.pyoptk.mlp_step.default in Seen.ops
+    assert not fast_calls
+
+
+@needs_native
+def test_fast_path_double_backward_takes_the_differentiable_fallback(fast_calls):
+    """create_graph=True through the fast path: the op's differentiable backward (autograd
+    over the reference), bit for bit the op path's second-order gradients."""
+    cfg = MLPConfig(hidden_sizes=(4,))
+    inputs, weights, decays, hp = make_case([(3, 2), (4,)], config=cfg)
+    ws = [w.clone().requires_grad_() for w in weights]
+
+    def second(step_fn):
+        out = step_fn(*inputs, ws, decays, hp)
+        loss = sum((p * p * p).sum() for p in out[0]) + sum(m.sum() for m in out[1])
+        g = torch.autograd.grad(loss, ws, create_graph=True)
+        return torch.autograd.grad(sum((x * x).sum() for x in g), ws)
+
+    fast = second(mlp_step)
+    assert fast_calls
+    for a, b in zip(fast, second(_op_step)):
+        assert _bitwise_equal(a, b)
+
+
 # ---- fallbacks and configuration ---------------------------------------------------------
 def test_declined_config_warns_and_falls_back(monkeypatch):
     cfg = MLPConfig(hidden_sizes=(mstep.MAX_WIDTH + 1,))

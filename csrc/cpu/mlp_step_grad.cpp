@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu_util.h"
@@ -169,6 +170,67 @@ PYOPTK_HD void recompute_planes(const BlockArgs<T>& a) {
     mlp::mlp_full_fac<T, kB>(a.dm, b.g, b.u0, a.dec, a.omd, a.c.fac_eps, b.fa);
   }
 }
+
+// Pass 0 on one block: the recomputed planes and the forward's statistics (sum P_i^2,
+// row/column sums of g^2 + fac_eps or the full accumulators' sums, the finite flag),
+// accumulated in element order.
+template <typename T>
+struct Pass0Args {
+  const BlockArgs<T>* ba;
+  Work<T>* w;
+  const Tile* tl;
+  double* pp;
+  const PartLayout* pl;
+  T fac_eps;
+  int Q;
+  bool* finite;
+};
+
+template <typename T>
+struct Pass0K {
+  PYOPTK_LOOP void run(const Pass0Args<T>* ap) {
+    const Pass0Args<T>& a = *ap;
+    const BlockArgs<T>& ba = *a.ba;
+    Work<T>& w = *a.w;
+    const Tile& tl = *a.tl;
+    const Block<T>& blk = *ba.bl;
+    double* pp = a.pp;
+    const PartLayout& pl = *a.pl;
+    const int N = pl.N, F = pl.F, Q = a.Q, nb = ba.nb;
+    const int64_t eb = ba.e0;
+    recompute_planes(ba);
+    bool finite = *a.finite;
+    for (int l = 0; l < nb; ++l) finite = finite && std::isfinite(blk.g[l]);
+    *a.finite = finite;
+    for (int i = 0; i < N; ++i) {
+      const T* Pi = blk.P + i * kB;
+      double acc = pp[pl.off_A() + i];
+      for (int l = 0; l < nb; ++l) {
+        const double q = static_cast<double>(Pi[l]);
+        acc += q * q;
+      }
+      pp[pl.off_A() + i] = acc;
+    }
+    if (w.factored) {
+      if (F > 0) {
+        int64_t r = eb / w.cols, c = eb - (eb / w.cols) * w.cols;
+        for (int l = 0; l < nb; ++l) {
+          const double g2e = static_cast<double>(mlp::fac_input(blk.g[l], a.fac_eps));
+          w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q)] += g2e;
+          w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q)] += g2e;
+          if (++c == w.cols) {
+            c = 0;
+            ++r;
+          }
+        }
+      }
+    } else {
+      for (int f = 0; f < F; ++f)
+        for (int l = 0; l < nb; ++l)
+          pp[pl.off_U() + f] += static_cast<double>(blk.fa[f * kB + l]);
+    }
+  }
+};
 
 // B1's recomputed forward of a block: planes, features (keeping rsqrt(vhat+eps)) and
 // every layer's output, the forward's functions throughout.
@@ -554,6 +616,51 @@ struct MlpBackwardK {
   }
 };
 
+// f(i, thread) for i in [0, n) on up to `threads` OpenMP threads (dynamic schedule, as
+// cpu::parallel_for), serially on thread 0 when there is one item or one thread. Every
+// reduction is kept per item and combined in item order, so the results do not depend
+// on `threads`.
+template <typename F>
+inline void par_for(int64_t n, int threads, F&& f) {
+  if (n <= 0) return;
+#ifdef PYOPTK_WITH_OPENMP
+  if (n > 1 && threads > 1 && !omp_in_parallel()) {
+    const int nt = static_cast<int>(std::min<int64_t>(threads, n));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < n; ++i) f(i, omp_get_thread_num());
+    return;
+  }
+#endif
+  (void)threads;
+  for (int64_t i = 0; i < n; ++i) f(i, 0);
+}
+
+// One thread's block buffers, made once per call and reused by every tile / slot that
+// thread runs (each pass writes every lane array before reading it; the per-lane
+// partials B1 and B2 accumulate are zeroed again after each tile).
+template <typename T>
+struct ThreadBuffers {
+  Block<T> blk;
+  B2Scratch<T> scr;
+  std::vector<std::vector<T>> act;  // B1: each layer's output (out, kB)
+  std::vector<T*> act_ptrs;
+  std::vector<T> dA, dZ, dZT;       // B1: cotangent buffers
+  ThreadBuffers(int K, int R, int F, int N, int n_elem, const std::vector<int64_t>& widths,
+                int max_w)
+      : blk(K, R, F, N, n_elem), scr(K, R, F, N) {
+    const size_t L = widths.size() - 1;
+    act.resize(L);
+    act_ptrs.resize(L);
+    for (size_t l = 0; l < L; ++l) {
+      act[l].assign(static_cast<size_t>(widths[l + 1] * kB), T(0));
+      act_ptrs[l] = act[l].data();
+    }
+    dA.assign(static_cast<size_t>(max_w * kB), T(0));
+    dZ.assign(static_cast<size_t>(max_w * kB), T(0));
+    dZT.assign(static_cast<size_t>((max_w + kJB - 1) / kJB * kJB * kB), T(0));
+  }
+};
+
 template <typename T>
 void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg) {
   const size_t nt = a.numels.size();
@@ -674,51 +781,43 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   const int P = pl.size();
   std::vector<double> part(static_cast<size_t>(n_tiles * P), 0.0);
 
+  // Threads: the caller's count (torch.get_num_threads()), else the OpenMP default.
+  int threads = cfg.num_threads;
+#ifdef PYOPTK_WITH_OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#endif
+  threads = std::max(threads, 1);
+  // The per-tensor finalize passes are O(rows + cols) each: serial unless that is large.
+  int64_t fin_work = 0;
+  for (size_t t = 0; t < nt; ++t) fin_work += ws[t].factored ? ws[t].rows + ws[t].cols : 1;
+  const int fin_threads = fin_work >= 65536 ? threads : 1;
+  int max_w = 2;
+  for (size_t l = 0; l < a.widths.size(); ++l)
+    max_w = std::max<int>(max_w, static_cast<int>(a.widths[l]));
+  std::vector<std::unique_ptr<ThreadBuffers<T>>> pool(static_cast<size_t>(threads));
+  auto buffers = [&](int tid) -> ThreadBuffers<T>& {
+    std::unique_ptr<ThreadBuffers<T>>& b = pool[static_cast<size_t>(tid)];
+    if (!b) b.reset(new ThreadBuffers<T>(K, R, F, N, n_elem, a.widths, max_w));
+    return *b;
+  };
+
 
   // ---- pass 0: the forward's statistics ------------------------------------------------
-  cpu::parallel_for(n_tiles, [&](int64_t ti) {
+  par_for(n_tiles, threads, [&](int64_t ti, int tid) {
     const Tile& tl = tiles[static_cast<size_t>(ti)];
     Work<T>& w = ws[static_cast<size_t>(tl.t)];
     double* pp = &part[static_cast<size_t>(ti * P)];
-    Block<T> blk(K, R, F, N, n_elem);
+    Block<T>& blk = buffers(tid).blk;
     BlockArgs<T> ba = args0;
     ba.w = &w;
     ba.bl = &blk;
     bool finite = true;
+    const Pass0Args<T> p0{&ba, &w, &tl, pp, &pl, sc.fac_eps, Q, &finite};
     for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
       for (int64_t eb = e0; eb < e1; eb += kB) {
-        const int nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
         ba.e0 = eb;
-        ba.nb = nb;
-        recompute_planes(ba);
-        for (int l = 0; l < nb; ++l) finite = finite && std::isfinite(blk.g[l]);
-        for (int i = 0; i < N; ++i) {
-          const T* Pi = blk.P + i * kB;
-          double acc = pp[pl.off_A() + i];
-          for (int l = 0; l < nb; ++l) {
-            const double q = static_cast<double>(Pi[l]);
-            acc += q * q;
-          }
-          pp[pl.off_A() + i] = acc;
-        }
-        if (w.factored) {
-          if (F > 0) {
-            int64_t r = eb / w.cols, c = eb - (eb / w.cols) * w.cols;
-            for (int l = 0; l < nb; ++l) {
-              const double g2e = static_cast<double>(mlp::fac_input(blk.g[l], sc.fac_eps));
-              w.rowpart[static_cast<size_t>((tl.cb * w.rows + r) * Q)] += g2e;
-              w.colpart[static_cast<size_t>((tl.rg * w.cols + c) * Q)] += g2e;
-              if (++c == w.cols) {
-                c = 0;
-                ++r;
-              }
-            }
-          }
-        } else {
-          for (int f = 0; f < F; ++f)
-            for (int l = 0; l < nb; ++l)
-              pp[pl.off_U() + f] += static_cast<double>(blk.fa[f * kB + l]);
-        }
+        ba.nb = static_cast<int>(std::min<int64_t>(kB, e1 - eb));
+        cpu::run_loop<Pass0K<T>>(&p0);
       }
     });
     pp[pl.off_finite()] = finite ? 1.0 : 0.0;
@@ -726,7 +825,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
 
   // ---- finalize 1 (per tensor): the forward's finalize ----------------------------------
   const T* W0 = W[0];
-  cpu::parallel_for(static_cast<int64_t>(nt), [&](int64_t tt) {  // tensors independent
+  par_for(static_cast<int64_t>(nt), fin_threads, [&](int64_t tt, int) {  // tensors independent
     Work<T>& w = ws[static_cast<size_t>(tt)];
     if (w.n == 0) return;
     std::vector<double> sum(static_cast<size_t>(P), 0.0);
@@ -797,18 +896,22 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
     for (int j = 0; j < n_time; ++j) {
       w.tf[static_cast<size_t>(j)] = mlp::mlp_time_feature(tstep, timescales[static_cast<size_t>(j)]);
     }
+    // b0' = mlp::mlp_folded_bias's sums, from the time features just computed (it would
+    // evaluate each tanh H0 times).
     w.b0eff.resize(static_cast<size_t>(H0));
-    mlp::mlp_folded_bias<T>(tstep, timescales.data(), n_time, W0, bias[0], n_elem, H0,
-                            w.b0eff.data());
+    for (int h = 0; h < H0; ++h) {
+      double acc = static_cast<double>(bias[0][h]);
+      for (int j = 0; j < n_time; ++j)
+        acc += static_cast<double>(w.tf[static_cast<size_t>(j)]) *
+               static_cast<double>(W0[(n_elem + j) * H0 + h]);
+      w.b0eff[static_cast<size_t>(h)] = static_cast<T>(acc);
+    }
   });
   std::fill(part.begin(), part.end(), 0.0);
 
   // ---- pass B1 ---------------------------------------------------------------------------
   const int64_t n_slots = std::min<int64_t>(n_tiles, kSlots);
   std::vector<double> slot_dw(static_cast<size_t>(std::max<int64_t>(n_slots, 1) * n_w), 0.0);
-  int max_w = 2;
-  for (size_t l = 0; l < a.widths.size(); ++l) max_w = std::max<int>(max_w, static_cast<int>(a.widths[l]));
-
   // Transposed weights for the cotangent products dA_in = W dZ.
   std::vector<std::vector<T>> Wt(static_cast<size_t>(L));
   std::vector<const T*> Wt_ptrs(static_cast<size_t>(L));
@@ -823,23 +926,23 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   }
   const std::vector<T> zeros(static_cast<size_t>(std::max(max_w, n_elem)), T(0));
 
-  cpu::parallel_for(n_slots, [&](int64_t slot) {
+  par_for(n_slots, threads, [&](int64_t slot, int tid) {
     const int64_t t_begin = slot * n_tiles / n_slots, t_end = (slot + 1) * n_tiles / n_slots;
     double* dW = &slot_dw[static_cast<size_t>(slot * n_w)];
     // Block buffers, SoA [feature][lane]: the recomputed forward, each layer's output,
-    // cotangents.
-    Block<T> blk(K, R, F, N, n_elem);
-    std::vector<std::vector<T>> act(static_cast<size_t>(L));
-    for (int l = 0; l < L; ++l) act[static_cast<size_t>(l)].assign(static_cast<size_t>(a.widths[l + 1] * kB), T(0));
-    std::vector<T> dA(static_cast<size_t>(max_w * kB)), dZ(static_cast<size_t>(max_w * kB));
-    std::vector<T> dZT(static_cast<size_t>((max_w + kJB - 1) / kJB * kJB * kB));
+    // cotangents (the thread's, reused).
+    ThreadBuffers<T>& tb = buffers(tid);
+    Block<T>& blk = tb.blk;
+    std::vector<std::vector<T>>& act = tb.act;
+    std::vector<T>& dA = tb.dA;
+    std::vector<T>& dZ = tb.dZ;
+    std::vector<T>& dZT = tb.dZT;
     int64_t rr[kB], cc[kB];
-    std::vector<T*> act_ptrs(static_cast<size_t>(L));
-    for (int l = 0; l < L; ++l) act_ptrs[static_cast<size_t>(l)] = act[static_cast<size_t>(l)].data();
+    std::vector<T*>& act_ptrs = tb.act_ptrs;
     BlockArgs<T> ba = args0;
     ba.bl = &blk;
     ba.act = act_ptrs.data();
-    B2Scratch<T> scr(K, R, F, N);
+    B2Scratch<T>& scr = tb.scr;
     const T* P_ = blk.P;
     const T* X = blk.x;
 
@@ -924,7 +1027,7 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   // gradients are kept apart and summed in tensor order below.
   const size_t n_red = static_cast<size_t>(KRF + 1 + n_time * H0);
   std::vector<double> red(nt * n_red, 0.0);
-  cpu::parallel_for(static_cast<int64_t>(nt), [&](int64_t tt) {
+  par_for(static_cast<int64_t>(nt), fin_threads, [&](int64_t tt, int) {
     const size_t t = static_cast<size_t>(tt);
     Work<T>& w = ws[t];
     double* ddec = &red[t * n_red];
@@ -1041,16 +1144,16 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
   // ---- pass B2: terms through the per-tensor reductions ---------------------------------
   const int P2 = KRF;
   std::vector<double> part2(static_cast<size_t>(n_tiles * P2), 0.0);
-  cpu::parallel_for(n_tiles, [&](int64_t ti) {
+  par_for(n_tiles, threads, [&](int64_t ti, int tid) {
     const Tile& tl = tiles[static_cast<size_t>(ti)];
     Work<T>& w = ws[static_cast<size_t>(tl.t)];
     if (!w.finite) return;
     double* pp = &part2[static_cast<size_t>(ti * P2)];
-    Block<T> blk(K, R, F, N, n_elem);
+    ThreadBuffers<T>& tb = buffers(tid);
     BlockArgs<T> ba = args0;
     ba.w = &w;
-    ba.bl = &blk;
-    B2Scratch<T> scr(K, R, F, N);
+    ba.bl = &tb.blk;
+    B2Scratch<T>& scr = tb.scr;
     for_tile_ranges(tl, w.cols, [&](int64_t e0, int64_t e1) {
       for (int64_t eb = e0; eb < e1; eb += kB) {
         ba.e0 = eb;
@@ -1059,9 +1162,12 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       }
     });
     for (int i = 0; i < KRF; ++i) {  // lanes combined in lane order
-      const double* d = scr.dec.data() + i * kB;
+      double* d = scr.dec.data() + i * kB;
       double acc = pp[i];
-      for (int l = 0; l < kB; ++l) acc += d[l];
+      for (int l = 0; l < kB; ++l) {
+        acc += d[l];
+        d[l] = 0.0;  // the thread's next tile starts from zero
+      }
       pp[i] = acc;
     }
   });

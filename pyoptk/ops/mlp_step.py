@@ -48,9 +48,11 @@ from pyoptk._backend import (
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
+from pyoptk.ops._eager import _direct_ok
 from pyoptk.ops.mlp_update import (
-    MLPUpdateHyper, _check_list, _check_tensor, _hyper, check_step_lists, is_factored,
-    matrix_shape, mlp_update_functional, mlp_update_one, native_mlp_config, rule_op_args)
+    MLPUpdateHyper, _check_list, _check_tensor, _hyper, _run_backend, check_step_lists,
+    is_factored, matrix_shape, mlp_update_functional, mlp_update_one, native_mlp_config,
+    rule_op_args)
 
 OP = "mlp_step"
 BACKWARD_OP = "mlp_step_backward"
@@ -149,40 +151,111 @@ def native_decline_reason(params: Sequence[Tensor], weights: Sequence[Tensor],
 
 @register_backend(BACKWARD_OP, "cpu")
 def _mlp_step_backward_cpu(inputs, weights, decays, hp: MLPUpdateHyper, cotangents):
+    return _native_backward(inputs, weights, decays, hp, cotangents)
+
+
+_ALIGN = 16  # elements: scratch / zero slices start on 64-byte boundaries
+
+
+def _native_backward(inputs, weights, decays, hp: MLPUpdateHyper, cotangents,
+                     need: Optional[Sequence[bool]] = None):
+    """The native kernel's input gradients (the ``"cpu"`` backend of
+    ``mlp_step_backward``). ``cotangents``: the five lists of output cotangents, where
+    an entry may be None (a zero cotangent: the kernel then reads one shared zero
+    buffer). ``need`` (default all): for each of the eight gradient groups (params,
+    grads, moms, rmss, fac_rows, fac_cols, weights, decays) whether it is wanted; the
+    kernel writes the others into one scratch buffer and they come back as None (lists
+    of None). Values do not depend on either: the kernel reads cotangents and never
+    reads back another group's gradient."""
     params, grads, moms, rmss, fac_rows, fac_cols, steps = inputs
     pdtype = params[0].dtype
     ct = torch.promote_types(pdtype, torch.float32)
+    isz = 8 if ct == torch.float64 else 4
     # bf16/fp16 params: the reference casts p and g to fp32 first (and the new param
     # back), so the backward runs on fp32 copies and casts the gradients back.
-    cast = (lambda ts: [t.to(ct) for t in ts]) if pdtype != ct else (lambda ts: list(ts))
-    p32, g32 = cast(params), cast(grads)
-    d_p_out = [c.to(ct).contiguous() for c in cotangents[0]]
-    cts = [d_p_out] + [[c.to(ct).contiguous() for c in lst] for lst in cotangents[1:]]
-    outs = [[torch.empty_like(t) for t in lst]
-            for lst in (p32, g32, moms, rmss, fac_rows, fac_cols)]
-    d_w = [torch.empty_like(w) for w in weights]
-    d_dec = torch.empty_like(decays)
+    if pdtype != ct:
+        p32, g32 = [t.to(ct) for t in params], [t.to(ct) for t in grads]
+    else:
+        p32, g32 = params, grads
+    # Cotangent pointers; None -> the shared zero buffer (as large as the largest).
+    ct_ptrs, ct_keep, zero_n = [], [], 0
+    for lst in cotangents:
+        ptrs = []
+        for c in lst:
+            if c is None:
+                ptrs.append(None)
+            else:
+                if c.dtype != ct:
+                    c = c.to(ct)
+                if not c.is_contiguous():  # (e.g. the expanded cotangent of a sum)
+                    c = c.contiguous()
+                ct_keep.append(c)
+                ptrs.append(c.data_ptr())
+        ct_ptrs.append(ptrs)
+    refs = (params, moms, rmss, fac_rows, fac_cols)
+    for ptrs, ref in zip(ct_ptrs, refs):
+        for q, r in zip(ptrs, ref):
+            if q is None and r.numel() > zero_n:
+                zero_n = r.numel()
+    if zero_n:
+        zeros = torch.zeros(zero_n, dtype=ct, device=decays.device)
+        zp = zeros.data_ptr()
+        ct_ptrs = [[zp if q is None else q for q in ptrs] for ptrs in ct_ptrs]
+    elif any(q is None for ptrs in ct_ptrs for q in ptrs):  # only empty tensors missing
+        ct_ptrs = [[0 if q is None else q for q in ptrs] for ptrs in ct_ptrs]
+    # Gradient outputs: fresh tensors for the wanted groups, scratch for the others.
+    groups = (p32, g32, moms, rmss, fac_rows, fac_cols, weights, (decays,))
+    if need is None:
+        outs = [[torch.empty_like(t) for t in lst] for lst in groups]
+        out_ptrs = [nc.ptrs(lst) for lst in outs]
+    else:
+        outs, out_ptrs, pending, off = [], [], [], 0
+        for lst, want in zip(groups, need):
+            if want:
+                o = [torch.empty_like(t) for t in lst]
+                outs.append(o)
+                out_ptrs.append(nc.ptrs(o))
+            else:
+                outs.append(None)
+                offs = []
+                for t in lst:
+                    offs.append(off)
+                    off += -(-t.numel() // _ALIGN) * _ALIGN
+                pending.append((len(out_ptrs), offs))
+                out_ptrs.append(None)
+        if pending:
+            scratch = torch.empty(max(off, 1), dtype=ct, device=decays.device)
+            base = scratch.data_ptr()
+            for k, offs in pending:
+                out_ptrs[k] = [base + o * isz for o in offs]
     d_lr = torch.empty((), dtype=ct, device=decays.device) if hp.lr_t is not None else None
-    lr_t = hp.lr_t.to(ct).contiguous() if hp.lr_t is not None else None
-    shapes = [tuple(p.shape) for p in params]
-    rows = [matrix_shape(s)[0] if is_factored(s) else 1 for s in shapes]
-    cols = [matrix_shape(s)[1] if is_factored(s) else math.prod(s) for s in shapes]
+    lr_t = hp.lr_t
+    if lr_t is not None and (lr_t.dtype != ct or not lr_t.is_contiguous()):
+        lr_t = lr_t.to(ct).contiguous()
+    rows, cols, fac = [], [], []
+    for p in params:
+        f = is_factored(p.shape)
+        r, c = matrix_shape(p.shape) if f else (1, p.numel())
+        rows.append(r)
+        cols.append(c)
+        fac.append(f)
     cfg = native_mlp_config(hp, lr_t)
     native().mlp_step_grad_cpu(
         nc.ptrs(p32), nc.ptrs(g32), nc.ptrs(moms), nc.ptrs(rmss), nc.ptrs(fac_rows),
-        nc.ptrs(fac_cols), nc.ptrs(steps),
-        *[nc.ptrs(c) for c in cts],
-        *[nc.ptrs(o) for o in outs],
-        nc.numels(params), rows, cols, [is_factored(s) for s in shapes],
+        nc.ptrs(fac_cols), nc.ptrs(steps), *ct_ptrs, *out_ptrs[:6],
+        nc.numels(params), rows, cols, fac,
         nc.ptrs(weights), [w.shape[0] for w in weights[0::2]] + [2], decays.data_ptr(),
-        nc.ptrs(d_w), d_dec.data_ptr(), 0 if d_lr is None else d_lr.data_ptr(), cfg,
+        out_ptrs[6], out_ptrs[7][0], 0 if d_lr is None else d_lr.data_ptr(), cfg,
         ct == torch.float64)
     if pdtype != ct:
-        outs[0] = [o.to(pdtype) for o in outs[0]]
-        outs[1] = [o.to(pdtype) for o in outs[1]]
+        for k in (0, 1):
+            if outs[k] is not None:
+                outs[k] = [o.to(pdtype) for o in outs[k]]
     if d_lr is not None:
         d_lr = d_lr.to(hp.lr_t.dtype).reshape(hp.lr_t.shape)
-    return tuple(outs), d_w, d_dec, d_lr
+    d_in = tuple(o if o is not None else [None] * len(params) for o in outs[:6])
+    d_dec = outs[7][0] if outs[7] is not None else None
+    return d_in, outs[6], d_dec, d_lr
 
 
 def _choose_backward(inputs, weights, hp) -> Callable:
@@ -376,6 +449,93 @@ _mlp_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------
+# Eager fast path: the same forward and backward, without torch.library's Python layers.
+# ----------------------------------------------------------------------------------
+# In plain eager mode (pyoptk.ops._eager's test: no torch.compile, dispatch modes,
+# torch.func transforms or tensor subclasses) ``mlp_step`` runs the forward below
+# directly (no grad needed) or through ``_MLPStepFunction``, a torch.autograd.Function
+# whose backward calls the native kernel directly. It skips the custom op's autograd
+# wrapper, pytree flattening of the list arguments, default filling and redispatch
+# (~1 ms per call on a six-tensor task, more than the kernels). The results are the
+# op's: the same forward backend on clones of the state, the same kernel, and for
+# create_graph=True the same differentiable fallback (``_backward_differentiable``).
+def _forward_impl(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
+                  hp: MLPUpdateHyper) -> Tuple[List[Tensor], ...]:
+    """What the op's kernel computes (its CPU/CUDA kernel, called without dispatch): the
+    reference in float64, else the registered forward backend on clones of the state."""
+    if params[0].dtype == torch.float64:
+        new = mlp_update_functional(params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                    weights, decays, hp)
+        return tuple([t.clone() for t in lst] for lst in new)
+    out = tuple([t.clone() for t in lst] for lst in (params, moms, rmss, fac_rows, fac_cols,
+                                                     steps))
+    # the body of pyoptk::mlp_update_'s CPU/CUDA kernel (fresh tensors: no version bump)
+    _run_backend(out[0], grads, out[1], out[2], out[3], out[4], out[5], weights, decays, hp)
+    return out
+
+
+class _MLPStepFunction(torch.autograd.Function):
+    """``pyoptk::mlp_step`` with its autograd formula, for plain eager mode. Inputs are
+    flat: ``n`` tensors each of params, grads, moms, rmss, fac_rows, fac_cols, steps,
+    then the weights, decays and (if present) ``hp.lr_t``; outputs flat likewise (six
+    lists). ``steps`` outputs are differentiable-looking but get no gradient, as the
+    op's."""
+
+    @staticmethod
+    def forward(ctx, n: int, n_w: int, hp: MLPUpdateHyper, *flat: Tensor):
+        lists = [list(flat[k * n:(k + 1) * n]) for k in range(7)]
+        weights = list(flat[7 * n:7 * n + n_w])
+        decays = flat[7 * n + n_w]
+        out = _forward_impl(*lists, weights, decays, hp)
+        ctx.n, ctx.n_w, ctx.hp = n, n_w, hp
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*flat)  # inputs only: the backward recomputes the rest
+        return tuple(t for lst in out for t in lst)
+
+    @staticmethod
+    def backward(ctx, *d_out):
+        n, n_w = ctx.n, ctx.n_w
+        saved = ctx.saved_tensors
+        lists = [list(saved[k * n:(k + 1) * n]) for k in range(7)]
+        weights = list(saved[7 * n:7 * n + n_w])
+        decays = saved[7 * n + n_w]
+        hp = ctx.hp
+        has_lr = hp.lr_t is not None
+        if has_lr:
+            hp = _replace_lr(hp, saved[7 * n + n_w + 1])
+        cts = [list(d_out[k * n:(k + 1) * n]) for k in range(5)]  # steps: no gradient
+        nig = ctx.needs_input_grad  # (n, n_w, hp, *flat)
+        need = [any(nig[3 + k * n:3 + (k + 1) * n]) for k in range(6)]
+        need += [any(nig[3 + 7 * n:3 + 7 * n + n_w]), nig[3 + 7 * n + n_w]]
+        if torch.is_grad_enabled() or _choose_backward(lists, weights, hp) \
+                is not _mlp_step_backward_cpu:
+            # create_graph=True (a differentiable backward) or the reference backward:
+            # as the op's formula, with zero cotangents materialized.
+            refs = (lists[0], lists[2], lists[3], lists[4], lists[5])
+            cts = [[torch.zeros_like(r) if c is None else c for c, r in zip(lst, ref)]
+                   for lst, ref in zip(cts, refs)]
+            if torch.is_grad_enabled():
+                d_in, d_w, d_dec, d_lr = _backward_differentiable(lists, weights, decays,
+                                                                  hp, cts)
+            else:
+                d_in, d_w, d_dec, d_lr = mlp_step_backward_reference(lists, weights, decays,
+                                                                     hp, cts)
+        else:
+            d_in, d_w, d_dec, d_lr = _native_backward(lists, weights, decays, hp, cts, need)
+        grads = [g for lst in d_in for g in lst]
+        grads += [None] * n
+        grads += list(d_w) if d_w is not None else [None] * n_w
+        grads.append(d_dec)
+        if has_lr:
+            grads.append(d_lr)
+        return (None, None, None, *grads)
+
+
+def _fast_path_ok(lead: Tensor, tensor_lists) -> bool:
+    return _direct_ok(lead, tensor_lists)
+
+
+# ----------------------------------------------------------------------------------
 # Public function.
 # ----------------------------------------------------------------------------------
 _F64 = torch.float64
@@ -426,7 +586,20 @@ def mlp_step(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[T
         if isinstance(lr_f, bool) or not isinstance(lr_f, (int, float)) or not lr_f >= 0.0:
             raise ValueError(f"{op}: Invalid learning rate: {lr_f!r}")
         lr_f = float(lr_f)
+    weights = list(weights)
+    if _fast_path_ok(params[0], (params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                 weights, (decays,), (lr_t,) if lr_t is not None else ())):
+        # plain eager mode: no torch.library dispatch (see _MLPStepFunction)
+        hp = _hyper(*rule_op_args(hp), lr_f, lr_t, float(hp.weight_decay))
+        flat = [*params, *grads, *moms, *rmss, *fac_rows, *fac_cols, *steps, *weights, decays]
+        if lr_t is not None:
+            flat.append(lr_t)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+            res = _MLPStepFunction.apply(n, len(weights), hp, *flat)
+            return tuple(list(res[k * n:(k + 1) * n]) for k in range(6))
+        return tuple(_forward_impl(params, grads, moms, rmss, fac_rows, fac_cols, steps,
+                                   weights, decays, hp))
     out = torch.ops.pyoptk.mlp_step(
-        params, grads, moms, rmss, fac_rows, fac_cols, steps, list(weights), decays,
+        params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays,
         *rule_op_args(hp), lr_f, lr_t, float(hp.weight_decay))
     return tuple(list(o) for o in out)
