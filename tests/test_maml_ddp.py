@@ -1,8 +1,7 @@
 """MAML under DistributedDataParallel: 2 gloo processes, each with half the meta-batch,
 end with the single-process meta-gradient of the whole meta-batch."""
 
-import os
-import socket
+import datetime
 
 import pytest
 import torch
@@ -24,28 +23,25 @@ def _batch():
     return SinusoidEpisodes(5, 5, seed=0).batch(0, 4).to(dtype=torch.float64)
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, init_file, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous (no port to race for) and a timeout: a lost peer fails the test
+    # instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         maml = MAML(_model(), F.mse_loss, inner_steps=2, inner_lr=0.05, learn_inner_lr=True)
         ddp = nn.parallel.DistributedDataParallel(maml)
         ddp(shard_meta_batch(_batch(), rank, world)).backward()
         torch.save([p.grad for p in maml.parameters()], f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
     out = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "pg"), out), nprocs=2, join=True)
     maml = MAML(_model(), F.mse_loss, inner_steps=2, inner_lr=0.05, learn_inner_lr=True)
     maml.meta_loss(_batch()).backward()
     want = [p.grad for p in maml.parameters()]

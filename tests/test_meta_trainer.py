@@ -5,6 +5,7 @@ equivalence, fp16 loss scaling, logs and the ``pyoptk meta-train`` command.
 Tiny runs: quadratics of dim 8, truncation 2, horizon 8, the real TruncatedBPTT.
 """
 
+import datetime
 import json
 import os
 import shutil
@@ -395,6 +396,7 @@ def _worker(rank, world, cfg_dict, init_file, out):
         if cls.family not in family_names():
             register_family(_Family(cls))
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
+                                         timeout=datetime.timedelta(seconds=120),
                                          rank=rank, world_size=world)
     try:
         trainer = MetaTrainer(MetaTrainConfig.from_dict(cfg_dict))

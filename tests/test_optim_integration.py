@@ -2,9 +2,8 @@
 torch.compile'd model, a torch.compile'd optimizer step, and DDP over 2 gloo
 processes."""
 
+import datetime
 import operator
-import os
-import socket
 
 import pytest
 import torch
@@ -179,12 +178,6 @@ def test_compiled_mlp_optimizer_step_with_lr_schedule_does_not_recompile():
     assert frames <= 2, frames  # as without a schedule: the step's two compiles
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_OPTIMIZERS = ["AdamW", "LAMB", "Lookahead", "MLPOptimizer"]
 
 
@@ -201,10 +194,12 @@ def _flat(models):
     return [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in models]
 
 
-def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank, world, init_file, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous (no port to race for) and a timeout: a lost peer fails the test
+    # instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         models = [torch.nn.parallel.DistributedDataParallel(make_model())
                   for _ in DDP_OPTIMIZERS]
@@ -215,6 +210,7 @@ def _ddp_worker(rank, world, port, out):
                 m(x.chunk(world)[rank]).square().mean().backward()
                 opt.step()
         out[rank] = _flat(models)
+        dist.barrier()  # no rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
@@ -237,12 +233,12 @@ def _single_process_as_ddp(world):
     return _flat(models)
 
 
-def test_ddp_two_gloo_processes_match_single_process():
+def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     """Both ranks must hold identical params, equal to one process that averages the
     two shards' grads as DDP does (bitwise: same math, same reduction order)."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), out), nprocs=2, join=True)
         ranks = [out[0], out[1]]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers
