@@ -182,6 +182,28 @@ def triton_version() -> str:
         return "none"
 
 
+def add_run_args(ap, *, reps: int, warmup: Optional[int] = None,
+                 device: Optional[str] = None) -> None:
+    """The options every suite shares: ``--device`` (default CUDA when present, else
+    CPU, unless ``device`` is given), ``--reps``, ``--warmup`` (when ``warmup`` is
+    given), ``--threads`` and ``--out``."""
+    default = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default, help=f"device (default {default})")
+    ap.add_argument("--reps", type=int, default=reps)
+    if warmup is not None:
+        ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch and OpenMP)")
+    ap.add_argument("--out", default="bench/results",
+                    help="folder for <device>.csv ('' to write nothing)")
+
+
+def run_device(args) -> torch.device:
+    """The device of parsed :func:`add_run_args` options, with ``--threads`` applied."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
 def print_table(rows: List[dict], columns: List[str], title: Optional[str] = None) -> None:
     if title:
         print(f"\n{title}")

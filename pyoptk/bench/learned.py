@@ -286,25 +286,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pyoptk bench learned", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = list(all_layouts()) + ["all"]
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--layouts", nargs="*", choices=choices,
                     help="layouts of the step and memory parts (default: CPU resnet50 "
                          "flat-1m, GPU all; none to skip)")
     ap.add_argument("--meta-layouts", nargs="*", choices=choices,
                     help="layouts of the forward+backward part (default: CPU flat-1m, GPU "
                          "resnet50 flat-1m flat-10m; none to skip)")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch and OpenMP)")
     ap.add_argument("--backends", nargs="+", choices=["auto", "cpu", "cuda", "triton", "torch"],
                     help="mlp_update_ backends to time (default: every one available; the "
                          "reference 'torch' is always timed)")
-    ap.add_argument("--out", default="bench/results",
-                    help="folder for <device>.csv ('' to write nothing)")
+    harness.add_run_args(ap, reps=20, warmup=3)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = harness.run_device(args)
     layouts = _expand(args.layouts, DEFAULT_LAYOUTS.get(device.type, ["flat-1m"]))
     meta_layouts = _expand(args.meta_layouts, DEFAULT_META_LAYOUTS.get(device.type, ["flat-1m"]))
     backends, notes = mlp_backends(device.type, args.backends)

@@ -215,23 +215,16 @@ def accuracy_rows(device: torch.device, iters: int) -> List[dict]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pyoptk bench maml", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--problems", nargs="+", choices=PROBLEMS, default=PROBLEMS)
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 5, 10])
     ap.add_argument("--meta-batch", type=int, default=None,
                     help="tasks per meta-batch (default: cnn-digits 8, sinusoid-mlp 25)")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--accuracy", type=int, default=0, metavar="ITERS",
                     help="also meta-train ProtoNets and MAML for ITERS meta-batches and "
                          "report held-out 5-way 1/5-shot accuracy (default 0: skip)")
-    ap.add_argument("--out", default="bench/results",
-                    help="folder for <device>.csv ('' to write nothing)")
+    harness.add_run_args(ap, reps=10, warmup=2)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = harness.run_device(args)
     print(f"pyoptk bench maml on {harness.device_name(device)}, torch {torch.__version__}, "
           f"commit {harness.git_commit()}")
     rows = []

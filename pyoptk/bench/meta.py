@@ -213,26 +213,19 @@ def bench_pes(task_name: str, device: torch.device, truncation: int, n_particles
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pyoptk bench meta", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu",
-                    help="device (default cpu; the fused backward is native on CPU)")
     ap.add_argument("--tasks", nargs="+", choices=list(bench_tasks()),
                     default=list(bench_tasks()))
     ap.add_argument("--modes", nargs="+", choices=["tbptt", "pes"], default=["tbptt", "pes"])
     ap.add_argument("--truncation", type=int, default=10, help="inner steps per estimate")
     ap.add_argument("--unrolls", type=int, default=2, help="TBPTT unrolls per estimate")
     ap.add_argument("--particles", type=int, default=8, help="PES antithetic pairs")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch and OpenMP)")
-    ap.add_argument("--out", default="bench/results",
-                    help="folder for <device>.csv ('' to write nothing)")
+    # CPU by default: the fused backward is native on CPU
+    harness.add_run_args(ap, reps=10, warmup=2, device="cpu")
     args = ap.parse_args(argv)
     for name in ("truncation", "unrolls", "particles", "reps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = harness.run_device(args)
     print(f"pyoptk bench meta on {harness.device_name(device)}, torch {torch.__version__}, "
           f"commit {harness.git_commit()}")
     rows: List[dict] = []

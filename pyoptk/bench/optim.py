@@ -134,19 +134,13 @@ def run(layouts: List[str], device: torch.device, reps: int, backends: Optional[
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pyoptk bench optim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS) + ["all"],
                     help="parameter layouts (default: CPU a quick set, GPU all)")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch and OpenMP)")
     ap.add_argument("--backends", nargs="+", choices=["auto", "cpu", "cuda", "triton", "torch"],
                     help="time pyoptk optimizers with each of these backends")
-    ap.add_argument("--out", default="bench/results",
-                    help="folder for <device>.csv ('' to write nothing)")
+    harness.add_run_args(ap, reps=20)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = harness.run_device(args)
     layouts = args.layouts or DEFAULT_LAYOUTS.get(device.type, ["flat-1m"])
     if "all" in layouts:
         layouts = list(LAYOUTS)
