@@ -181,7 +181,6 @@ def _mlp_stats_kernel(p_base, g_base, m_base, v_base, fr_base, tiles, info, nt, 
         tl.store(out + (NN + f) * nti, tl.sum(tl.where(umask, u, 0.0), axis=0))
     if F > 0:
         # 2+ dim tensors: row sums over this tile's columns, column sums over its rows.
-        n_ct = tl.load(info + I_NCT * nt + t)
         rowp = ws + tl.load(info + I_ROWP * nt + t)
         colp = ws + tl.load(info + I_COLP * nt + t)
         q2 = tl.reshape(q, (TR, TC))

@@ -21,10 +21,10 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from pyoptk.tasks.base import Task
 
@@ -294,15 +294,13 @@ def _tuned_adamw(task: Task, steps: int, lr_grid: Sequence[float],
                  device: Optional[torch.device]) -> RunResult:
     import pyoptk
 
-    best: Optional[RunResult] = None
-    for lr in lr_grid:
+    runs = []
+    for lr in lr_grid:  # non-empty: evaluate() checks
         r = train_task(task, lambda ps, lr=lr: pyoptk.optim.AdamW(ps, lr=lr, weight_decay=0.0),
                        steps, name="adamw-tuned", device=device)
         r.lr = lr
-        if best is None or r.final_loss < best.final_loss:
-            best = r
-    assert best is not None
-    return best
+        runs.append(r)
+    return min(runs, key=lambda r: r.final_loss)  # the first of equals: the smallest lr
 
 
 # ----------------------------------------------------------------------------------

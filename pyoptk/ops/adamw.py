@@ -29,7 +29,7 @@ from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
 from pyoptk.ops._eager import call_op
 from pyoptk.ops._validation import (
-    check_betas, check_lr, check_nonneg, check_steps, check_tensor_lists, device_type)
+    check_betas, check_lr, check_nonneg, check_steps, check_tensor_lists)
 
 OP = "adamw_"
 

@@ -37,7 +37,6 @@ Lists must be ``None``-free (the functional :func:`pyoptk.learned.update` filter
 
 from __future__ import annotations
 
-import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
