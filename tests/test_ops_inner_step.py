@@ -310,6 +310,30 @@ def test_adam_zero_moments_finite_gradients(backend):
                          (pd[0], gd[0], md[0], vd[0]), eps=1e-9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_gradients_propagate_elementwise(backend):
+    """As torch.optim's functional steps: a NaN/Inf gradient element makes that output
+    element non-finite and leaves every other element (and tensor) exact — no skip, no
+    crash, no contamination across elements (docs/inner-steps.md)."""
+    pyoptk.set_backend(backend)
+    p = [torch.ones(7), torch.full((3, 5), 2.0)]
+    g = [torch.full((7,), 0.5), torch.full((3, 5), 0.25)]
+    g[0][2], g[1][1, 4] = float("nan"), float("inf")
+    lrs = [torch.full_like(t, 0.1) for t in p]
+    m = [torch.zeros_like(t) for t in p]
+    v = [torch.zeros_like(t) for t in p]
+    outs = {"sgd": (inner_sgd(p, g, 0.1), inner_sgd_reference(p, g, 0.1)),
+            "metasgd": (inner_metasgd(p, g, lrs), inner_metasgd_reference(p, g, lrs)),
+            "adam": (inner_adam(p, g, m, v, 1, 0.1)[0],
+                     inner_adam_reference(p, g, m, v, 1, 0.1)[0])}
+    for name, (out, ref) in outs.items():
+        ok = [torch.isfinite(o) for o in out]
+        assert (~ok[0]).nonzero().tolist() == [[2]], name
+        assert (~ok[1]).nonzero().tolist() == [[1, 4]], name
+        for o, r, k in zip(out, ref, ok):
+            torch.testing.assert_close(o[k], r[k], rtol=0, atol=0, msg=name)
+
+
 def test_safe_sqrt_zero_derivative_all_orders():
     x = torch.tensor([0.0, 4.0], dtype=torch.float64, requires_grad=True)
     y = ist.safe_sqrt(x)
