@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.pyoptk-installed
 
-.PHONY: venv install demo test test-gpu bench bench-learned wheel wheel-check clean
+.PHONY: venv install demo test test-gpu bench bench-learned bench-meta bench-maml wheel wheel-check clean
 
 $(VENV)/.torch: 
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ bench: $(STAMP)
 
 bench-learned: $(STAMP)
 	$(VENV)/bin/pyoptk bench learned
+
+# The meta-training and MAML suites time tiny problems: one thread is what they run on.
+bench-meta: $(STAMP)
+	$(VENV)/bin/pyoptk bench meta --threads 1
+
+bench-maml: $(STAMP)
+	$(VENV)/bin/pyoptk bench maml --threads 1
 
 # A manylinux wheel with the CPU and CUDA code (CUDA runtime linked statically).
 # libgomp is not grafted in: pyoptk._C then shares the OpenMP runtime torch has already
