@@ -489,3 +489,13 @@ def test_validation_log_loss_floors_solved_tasks():
     got = validation_loss(task, init_meta_params(cfg, 0), cfg, 2, torch.device("cpu"),
                           "train", True)
     assert got == math.log(LOG_LOSS_FLOOR)
+
+
+def test_fp16_with_second_order_is_refused():
+    with pytest.raises(ValueError, match="precision: 'fp16' cannot be combined with "
+                                         "estimator.options.second_order"):
+        MetaTrainConfig.from_dict({"precision": "fp16",
+                                   "estimator": {"kind": "tbptt",
+                                                 "options": {"second_order": True}}})
+    MetaTrainConfig.from_dict({"precision": "bf16",
+                               "estimator": {"kind": "tbptt", "options": {"second_order": True}}})

@@ -247,6 +247,11 @@ class MetaTrainConfig:
         if self.estimator.horizon < self.estimator.truncation:
             raise ValueError(f"estimator.horizon: expected >= estimator.truncation "
                              f"({self.estimator.truncation}), got {self.estimator.horizon}")
+        if self.precision == "fp16" and self.estimator.options.get("second_order"):
+            raise ValueError(
+                "precision: 'fp16' cannot be combined with estimator.options.second_order "
+                "— the loss scaling would scale the second-order terms by 1/S instead of "
+                "S (a silently wrong meta-gradient); use 'bf16' or 'fp32'")
         if self.precision == "fp16" and self.estimator.kind != "tbptt":
             raise ValueError(
                 f"precision: 'fp16' needs estimator.kind 'tbptt', got "
