@@ -1065,27 +1065,24 @@ void mlp_step_grad_impl(const MLPStepGradTensors& a, const MLPUpdateConfig& cfg)
       w.coefC.assign(static_cast<size_t>(w.cols), T(0));
       std::vector<double> SR1(static_cast<size_t>(w.rows)), SR2(SR1.size());
       std::vector<double> SC1(static_cast<size_t>(w.cols)), SC2(SC1.size());
+      // (S1, S2)[i] = the two partial sums of decay f for line i (a row or a column),
+      // added over the n_slots blocks in slot order: parts is [n_slots][n][Q].
+      const auto sum_slots = [Q](const std::vector<double>& parts, int64_t n_slots, int64_t n,
+                                 int f, std::vector<double>& S1, std::vector<double>& S2) {
+        for (int64_t i = 0; i < n; ++i) {
+          double s1 = 0.0, s2 = 0.0;
+          for (int64_t b = 0; b < n_slots; ++b) {
+            const double* pp = &parts[static_cast<size_t>((b * n + i) * Q + 2 * f)];
+            s1 += pp[0];
+            s2 += pp[1];
+          }
+          S1[static_cast<size_t>(i)] = s1;
+          S2[static_cast<size_t>(i)] = s2;
+        }
+      };
       for (int f = 0; f < F; ++f) {
-        for (int64_t r = 0; r < w.rows; ++r) {
-          double s1 = 0.0, s2 = 0.0;
-          for (int64_t cb = 0; cb < w.n_cb; ++cb) {
-            const double* rp = &w.rowpart[static_cast<size_t>((cb * w.rows + r) * Q + 2 * f)];
-            s1 += rp[0];
-            s2 += rp[1];
-          }
-          SR1[static_cast<size_t>(r)] = s1;
-          SR2[static_cast<size_t>(r)] = s2;
-        }
-        for (int64_t c = 0; c < w.cols; ++c) {
-          double s1 = 0.0, s2 = 0.0;
-          for (int64_t rg = 0; rg < w.n_rg; ++rg) {
-            const double* cp = &w.colpart[static_cast<size_t>((rg * w.cols + c) * Q + 2 * f)];
-            s1 += cp[0];
-            s2 += cp[1];
-          }
-          SC1[static_cast<size_t>(c)] = s1;
-          SC2[static_cast<size_t>(c)] = s2;
-        }
+        sum_slots(w.rowpart, w.n_cb, w.rows, f, SR1, SR2);
+        sum_slots(w.colpart, w.n_rg, w.cols, f, SC1, SC2);
         const double vb = static_cast<double>(w.vbar[static_cast<size_t>(f)]);
         const double gam = static_cast<double>(sc.dec[KR + f]);
         double dvbar = 0.0;
