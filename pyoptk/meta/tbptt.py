@@ -174,10 +174,11 @@ class TruncatedBPTT(GradientEstimator):
                     term = self.meta_loss.term(task.loss(named(params), task.batch(k, split)))
                     if t < steps:
                         train = task.loss(named(params), task.batch(k, "train"))
-                # one host sync per inner step: where a divergence starts decides which
-                # terms carry its gradient
-                if not (bool(torch.isfinite(term)) and (train is None
-                                                        or bool(torch.isfinite(train)))):
+                # A host sync per inner step: where a divergence starts decides which
+                # terms carry its gradient. With split "train" the term is f(train), so
+                # a finite term already implies a finite train loss: one sync, not two.
+                train_ok = split == "train" or train is None or bool(torch.isfinite(train))
+                if not (bool(torch.isfinite(term)) and train_ok):
                     diverged = True
                     break
                 terms.append(term)
