@@ -126,8 +126,10 @@ class MetaLoss:
         split (str, default "train"): data split of the batches ``b_k`` (one of
             :data:`pyoptk.tasks.SPLIT_NAMES`).
         log_loss (bool, default False): average ``log L`` instead of ``L`` (for tasks
-            whose loss spans orders of magnitude, e.g. quadratics; needs ``L > 0``, a
-            non-positive loss makes the estimate non-finite).
+            whose loss spans orders of magnitude, e.g. quadratics; needs ``L > 0``: a
+            loss of exactly 0 gives ``-inf``, which TBPTT treats as a divergence (the
+            unroll stops there and restarts; it counts in ``n_nonfinite``) and which
+            makes an ES/PES estimate non-finite).
     """
 
     split: str = "train"
