@@ -6,6 +6,7 @@ outer iterations)."""
 
 import gc
 import io
+import math
 from collections import OrderedDict
 
 import pytest
@@ -213,6 +214,21 @@ def test_tbptt_meta_loss_options_and_horizon():
     assert u.step == 5 and u.done(5)  # the last truncation was cut to 2 steps
     with pytest.raises(ValueError, match="done"):
         est.estimate(meta, [u], seed=0)
+
+
+def test_log_meta_loss_floors_solved_tasks():
+    """A loss of exactly 0 is a solved task, not a divergence: its log term is the
+    floor's (finite, no gradient); above the floor the term is log L with gradient 1/L.
+    NaN and +inf still read as divergence."""
+    from pyoptk.meta.estimator import LOG_LOSS_FLOOR
+    ml = MetaLoss(log_loss=True)
+    loss = torch.tensor([0.0, 1e-12, 0.5], dtype=torch.float64, requires_grad=True)
+    term = ml.term(loss)
+    assert term.tolist() == [math.log(LOG_LOSS_FLOOR)] * 2 + [math.log(0.5)]
+    (g,) = torch.autograd.grad(term.sum(), loss)
+    assert g.tolist() == [0.0, 0.0, 2.0]
+    bad = ml.term(torch.tensor([float("nan"), float("inf")]))
+    assert torch.isnan(bad[0]) and bad[1] == float("inf")
 
 
 @pytest.mark.parametrize("kwargs, match", [

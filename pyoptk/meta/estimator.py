@@ -104,6 +104,10 @@ class Estimate:
     metrics: Dict[str, float] = field(default_factory=dict)
 
 
+#: Loss below which ``log_loss`` counts a task as solved (meta-loss and validation).
+LOG_LOSS_FLOOR = 1e-8
+
+
 @dataclass(frozen=True)
 class MetaLoss:
     """The meta-loss of one truncation, shared by every estimator.
@@ -125,11 +129,12 @@ class MetaLoss:
     Args:
         split (str, default "train"): data split of the batches ``b_k`` (one of
             :data:`pyoptk.tasks.SPLIT_NAMES`).
-        log_loss (bool, default False): average ``log L`` instead of ``L`` (for tasks
-            whose loss spans orders of magnitude, e.g. quadratics; needs ``L > 0``: a
-            loss of exactly 0 gives ``-inf``, which TBPTT treats as a divergence (the
-            unroll stops there and restarts; it counts in ``n_nonfinite``) and which
-            makes an ES/PES estimate non-finite).
+        log_loss (bool, default False): average ``log(max(L, LOG_LOSS_FLOOR))``
+            instead of ``L`` (for tasks whose loss spans orders of magnitude, e.g.
+            quadratics). Below the floor (1e-8) a task counts as solved: its term is
+            constant and gets no gradient, so a loss of exactly 0 is neither ``-inf``
+            (which TBPTT would take for a divergence) nor a term that outweighs every
+            other task's. The same floor as ``validation.log_loss``.
     """
 
     split: str = "train"
@@ -143,7 +148,7 @@ class MetaLoss:
 
     def term(self, loss: Tensor) -> Tensor:
         """``f(L)`` of one inner loss (any shape: per particle under ``vmap``)."""
-        return torch.log(loss) if self.log_loss else loss
+        return torch.log(loss.clamp_min(LOG_LOSS_FLOOR)) if self.log_loss else loss
 
 
 def check_estimator_args(owner: str, truncation: int, horizon: int,

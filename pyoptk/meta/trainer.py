@@ -61,7 +61,7 @@ from pyoptk.meta.checkpoint import (
     check_resumable, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
     set_rng_state)
 from pyoptk.meta.config import MetaTrainConfig
-from pyoptk.meta.estimator import GradientEstimator, MetaLoss, Unroll
+from pyoptk.meta.estimator import LOG_LOSS_FLOOR, GradientEstimator, MetaLoss, Unroll
 from pyoptk.tasks import TaskSampler, build_task, derive_seed
 from pyoptk.tasks.base import Task
 
@@ -178,8 +178,6 @@ class _LossScaler:
 
 
 # ---- validation -------------------------------------------------------------------
-#: ``validation.log_loss`` scores ``log(max(loss, LOG_LOSS_FLOOR))``.
-LOG_LOSS_FLOOR = 1e-8
 
 def validation_loss(task: Task, meta_params: Mapping[str, Tensor], config, horizon: int,
                     device: torch.device, split: str = "valid", log_loss: bool = False
