@@ -40,8 +40,9 @@ import torch
 from pyoptk.learned.mlp import MLPConfig, rule_identity
 from pyoptk.meta.config import MetaTrainConfig, resumable
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "find_checkpoint",
-           "load_checkpoint", "check_resumable", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_save", "save_checkpoint",
+           "find_checkpoint", "load_checkpoint", "check_resumable", "rng_state",
+           "set_rng_state"]
 
 FORMAT = "pyoptk-meta-checkpoint"
 VERSION = 1
@@ -65,6 +66,25 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def atomic_save(path: str, blob: Any, prev: Optional[str] = None) -> str:
+    """``torch.save(blob)`` to ``path`` so that a crash at any moment leaves a complete
+    file there: written to ``path.tmp``, flushed and fsynced, renamed over ``path``
+    (``os.replace``; the old ``path`` first becomes ``prev`` when given), then the
+    directory is fsynced. Returns ``path``."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(blob, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if prev is not None and os.path.exists(path):
+        os.replace(path, prev)
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+    return path
+
+
 def save_checkpoint(directory: str, contents: Mapping[str, Any]) -> str:
     """Write ``contents`` (the keys listed in the module docstring) as
     ``directory/last.pt`` atomically, keeping the previous one as ``prev.pt``.
@@ -72,19 +92,8 @@ def save_checkpoint(directory: str, contents: Mapping[str, Any]) -> str:
     missing = [k for k in _KEYS if k not in contents]
     if missing:
         raise ValueError(f"save_checkpoint: contents lack {missing}")
-    os.makedirs(directory, exist_ok=True)
-    last, prev = os.path.join(directory, LAST), os.path.join(directory, PREV)
-    tmp = last + ".tmp"
     blob = {"format": FORMAT, "version": VERSION, **contents}
-    with open(tmp, "wb") as f:
-        torch.save(blob, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(last):
-        os.replace(last, prev)
-    os.replace(tmp, last)
-    _fsync_dir(directory)
-    return last
+    return atomic_save(os.path.join(directory, LAST), blob, prev=os.path.join(directory, PREV))
 
 
 def find_checkpoint(directory: str) -> Optional[str]:

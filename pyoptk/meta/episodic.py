@@ -3,10 +3,15 @@ checkpoint/resume, a tqdm bar and TensorBoard scalars.
 
 The loop owns no model logic: ``train_step(i)`` runs meta-iteration ``i`` (its episodes
 drawn deterministically from ``i``, e.g. ``DigitsEpisodes.batch(i, T)``) and returns
-its loss; ``validate()`` returns the meta-validation loss. Because meta-iteration ``i``
-is a pure function of ``i`` and the saved state, resuming from a checkpoint continues
-exactly where the run stopped. (Learned-optimizer meta-training has its own trainer;
-this is the few-shot counterpart, kept small.)
+its loss; ``validate()`` returns the meta-validation loss. The checkpoint holds the
+state objects, the loop's counters and the global RNG states (torch CPU and CUDA,
+python ``random``: dropout or sampling inside ``train_step`` draws the same numbers
+after a resume), so resuming continues exactly where the run stopped, bit for bit.
+It is written atomically (:func:`pyoptk.meta.checkpoint.atomic_save`: a kill while
+saving leaves the previous checkpoint) and read with ``torch.load(weights_only=True)``.
+(Learned-optimizer meta-training has its own trainer, :class:`pyoptk.meta.MetaTrainer`,
+whose checkpoints also pin the rule and config; this is the few-shot counterpart, kept
+small: its state is whatever objects the caller passes.)
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from pyoptk.meta.checkpoint import CheckpointError, atomic_save, rng_state, set_rng_state
+
 __all__ = ["fit_episodic", "EpisodicResult"]
+
+FORMAT = "pyoptk-episodic-checkpoint"
 
 
 @dataclass
@@ -52,7 +61,10 @@ def fit_episodic(train_step: Callable[[int], float], validate: Callable[[], floa
         valid_every (int): iterations between validations (and checkpoints).
         patience (int): validations without improvement before stopping (0: never stop).
         checkpoint (str, optional): file to save to after every validation; when it
-            exists at the start, the run resumes from it.
+            exists at the start, the run resumes from it (a
+            :class:`~pyoptk.meta.checkpoint.CheckpointError`, a ``ValueError``, names the
+            file when it is unreadable, not an episodic checkpoint, or lacks one of
+            ``state``'s keys; nothing is overwritten then).
         log_dir (str, optional): TensorBoard folder (``train/loss``, ``valid/loss``).
         progress (bool): show a tqdm bar.
     """
@@ -64,15 +76,12 @@ def fit_episodic(train_step: Callable[[int], float], validate: Callable[[], floa
     start, best, best_it, bad, history = 0, math.inf, -1, 0, []
     best_state = None
     if checkpoint and os.path.exists(checkpoint):
-        ck = torch.load(checkpoint, weights_only=False)
-        missing = set(state) - set(ck["state"])
-        if missing:
-            raise ValueError(f"fit_episodic: checkpoint {checkpoint!r} has no state for "
-                             f"{sorted(missing)}")
+        ck = _load(checkpoint, state)
         for k, obj in state.items():
             obj.load_state_dict(ck["state"][k])
         start, best, best_it, bad = ck["iteration"], ck["best"], ck["best_iteration"], ck["bad"]
         history, best_state = ck["history"], ck["best_state"]
+        set_rng_state(ck["rng"])
     writer = None
     if log_dir:
         from torch.utils.tensorboard import SummaryWriter
@@ -105,10 +114,10 @@ def fit_episodic(train_step: Callable[[int], float], validate: Callable[[], floa
                 bad += 1
             stopped = patience > 0 and bad >= patience
             if checkpoint:
-                torch.save({"state": {k: obj.state_dict() for k, obj in state.items()},
-                            "iteration": i + 1, "best": best, "best_iteration": best_it,
-                            "bad": bad, "history": history, "best_state": best_state},
-                           checkpoint)
+                atomic_save(checkpoint, {
+                    "format": FORMAT, "state": {k: obj.state_dict() for k, obj in state.items()},
+                    "iteration": i + 1, "best": best, "best_iteration": best_it, "bad": bad,
+                    "history": history, "best_state": best_state, "rng": rng_state()})
             if stopped:
                 break
     finally:
@@ -121,3 +130,24 @@ def fit_episodic(train_step: Callable[[int], float], validate: Callable[[], floa
             obj.load_state_dict(best_state[k])
     done = history[-1]["iteration"] if history else start
     return EpisodicResult(best, best_it, done, stopped, history)
+
+
+_KEYS = ("state", "iteration", "best", "best_iteration", "bad", "history", "best_state", "rng")
+
+
+def _load(path: str, state: Dict[str, Any]) -> Dict[str, Any]:
+    """Read and check an episodic checkpoint; never writes."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bytes that are no pickle, …
+        raise CheckpointError(f"fit_episodic: {path}: unreadable or corrupted checkpoint "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"fit_episodic: {path}: not an episodic checkpoint (format "
+                              f"{ck.get('format') if isinstance(ck, dict) else None!r})")
+    lacking = [k for k in _KEYS if k not in ck]
+    missing = sorted(set(state) - set(ck.get("state", {})))
+    if lacking or missing:
+        raise CheckpointError(f"fit_episodic: {path}: checkpoint lacks "
+                              f"{lacking + [f'state[{k!r}]' for k in missing]}")
+    return ck
