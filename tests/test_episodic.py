@@ -1,6 +1,7 @@
 """fit_episodic's checkpoints: bit-exact resume when train_step draws from the global RNG
 (dropout), atomic writes (a failure while saving keeps the previous checkpoint), and
-clear errors for unreadable / foreign / incomplete files that leave them untouched."""
+clear errors for unreadable / foreign / incomplete files that leave them untouched;
+the same for meta-initialization files."""
 
 import pytest
 import torch
@@ -93,3 +94,16 @@ def test_bad_checkpoint_is_refused_untouched(tmp_path, content, match):
                      checkpoint=str(ck), progress=False)
     assert str(ck) in str(err.value) and isinstance(err.value, ValueError)
     assert ck.read_bytes() == before
+
+
+def test_load_init_refuses_unreadable_and_foreign_files(tmp_path):
+    from pyoptk.meta.universal_init import load_init
+    bad = tmp_path / "init.pt"
+    bad.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .*init.pt"):
+        load_init(str(bad))
+    torch.save({"format": "other"}, bad)
+    with pytest.raises(ValueError, match="not a pyoptk meta-initialization file"):
+        load_init(str(bad))
+    with pytest.raises(FileNotFoundError):
+        load_init(str(tmp_path / "missing.pt"))

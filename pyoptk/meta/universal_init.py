@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyoptk.meta.checkpoint import atomic_save
 from pyoptk.meta.episodic import EpisodicResult, fit_episodic
 from pyoptk.meta.maml import MAML
 from pyoptk.meta.reptile import Reptile
@@ -122,15 +123,22 @@ def meta_init(cfg: InitConfig, *, valid_every: int = 50, patience: int = 5,
 
 
 def save_init(path: str, model: nn.Module, cfg: InitConfig) -> None:
-    """Save the initialization and its configuration (``torch.save``)."""
-    torch.save({"format": "pyoptk.meta_init/1", "config": asdict(cfg),
-                "state_dict": model.state_dict()}, path)
+    """Save the initialization and its configuration (``torch.save``, atomically: see
+    :func:`pyoptk.meta.checkpoint.atomic_save`)."""
+    atomic_save(path, {"format": "pyoptk.meta_init/1", "config": asdict(cfg),
+                       "state_dict": model.state_dict()})
 
 
 def load_init(path: str) -> Tuple[nn.Module, InitConfig]:
     """``(model, config)`` from a file written by :func:`save_init`."""
-    data = torch.load(path, weights_only=True)
-    if data.get("format") != "pyoptk.meta_init/1":
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # truncated, not a pickle, …
+        raise ValueError(f"load_init: cannot read {path!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or data.get("format") != "pyoptk.meta_init/1":
         raise ValueError(f"{path!r} is not a pyoptk meta-initialization file")
     cfg = InitConfig(**data["config"]).check()
     model = build_model(cfg)
