@@ -69,12 +69,20 @@ class EstimatorConfig:
             task; >= truncation.
         options (dict, default {}): further keyword arguments of the estimator's
             constructor (e.g. ES/PES ``sigma``, ``n_particles``), plain values only.
+        stagger (bool, default False): start the first unrolls at evenly spaced steps
+            of the horizon (slot ``k`` of ``n`` at step ``k·horizon//n``, rounded down
+            to a multiple of ``truncation``) instead of all at step 0, so that from the
+            first outer step each meta-gradient mixes early and late phases of inner
+            training rather than all unrolls being at the same step (and restarting
+            together). Only the first episode of each slot is shorter: its parameters
+            and rule state are fresh, it just reaches the horizon sooner.
     """
 
     kind: str = "tbptt"
     truncation: int = 10
     horizon: int = 100
     options: Dict[str, Any] = field(default_factory=dict)
+    stagger: bool = False
 
     _checks = {
         "kind": (lambda v: v in ESTIMATOR_KINDS, f"one of {list(ESTIMATOR_KINDS)}"),

@@ -309,7 +309,8 @@ class MetaTrainer:
         else:
             random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
-            self._replace([[True] * cfg.n_unrolls for _ in range(cfg.grad_accum)])
+            self._replace([[True] * cfg.n_unrolls for _ in range(cfg.grad_accum)],
+                          stagger=cfg.estimator.stagger)
 
     # ---- setup helpers ------------------------------------------------------------
     def _pick_device(self) -> torch.device:
@@ -324,11 +325,15 @@ class MetaTrainer:
     def _wrap(self, task: Task) -> Task:
         return task if self._amp is None else _AmpTask(task, self._amp, self.scaler)
 
-    def _replace(self, needs: List[List[bool]]) -> None:
+    def _replace(self, needs: List[List[bool]], stagger: bool = False) -> None:
         """Start a new unroll, on the sampler's next task, in every slot (micro-batch
         ``j``, position ``i``) with ``needs[j][i]``, in slot order; every rank draws
-        the same task indices and builds only its own slots."""
+        the same task indices and builds only its own slots. ``stagger`` (the first
+        fill, ``estimator.stagger``): slot ``k`` of ``n`` starts at step
+        ``k·horizon//n`` rounded down to a multiple of the truncation."""
         meta = self.rule.meta_params()
+        ec = self.config.estimator
+        n_slots = sum(len(row) for row in needs)
         for j, row in enumerate(needs):
             for i, need in enumerate(row):
                 if not need:
@@ -342,6 +347,9 @@ class MetaTrainer:
                 task = self._wrap(build_task(self.sampler.spec(index)))
                 unroll = self.estimator.init_unroll(
                     task, meta, seed=derive_seed(self.config.seed, "unroll", index))
+                if stagger:
+                    k = j * len(row) + i
+                    unroll.step = (k * ec.horizon // n_slots) // ec.truncation * ec.truncation
                 self.unrolls.setdefault(j, [None] * len(row))[i] = unroll
 
     # ---- collectives (identity when not distributed) -------------------------------
