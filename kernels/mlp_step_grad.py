@@ -12,12 +12,12 @@ per tensor of n elements: planes ``P_i`` (N = 2+K+R+K·R+R) with scales ``s_i``,
 features ``x``, the MLP ``x → z0 → h0 → z1 → h1 → (d, a)``, output cotangents ``Gp,
 Gm, Gv, Gfr, Gfc``. Launches:
 
-1. ``_mlp_stats_kernel`` (the forward's): per-tile sums of ``P_i²``, of the full factored
-   accumulators, row / column sums of ``g² + fac_eps``, the non-finite flag.
-2. ``_mlp_finalize_kernel`` (the forward's) on *copies* of fac_rows, fac_cols and steps
-   (it updates them in place; the inputs must stay untouched): scales, new ``r_f``,
-   ``c_f``, ``vbar_f``, the first-layer bias with the time features folded in, the
-   finite flag.
+1. ``_mlp_stats_kernel`` (the forward's source): per-tile sums of ``P_i²``, of the full
+   factored accumulators, row / column sums of ``g² + fac_eps``, the non-finite flag.
+2. ``_mlp_finalize_kernel`` (the forward's source) on *copies* of fac_rows, fac_cols and
+   steps (it updates them in place; the inputs must stay untouched): scales, new
+   ``r_f``, ``c_f``, ``vbar_f``, the first-layer bias with the time features folded in,
+   the finite flag.
 3. ``_bwd_tiles_kernel`` (B1), one program per *slot* of consecutive tiles: per tile the
    recomputed features and MLP, the backward through the MLP with ``tl.dot`` (weight
    gradients accumulated in registers over the slot's tiles, written once per slot), the
@@ -117,6 +117,16 @@ I_COEFC = tl.constexpr(_COEFC)
 # ----------------------------------------------------------------------------------
 # Kernels.
 # ----------------------------------------------------------------------------------
+# Counts that may be 1 (one tensor, one tile, one slot) are not specialized: Triton
+# would pass an int argument equal to 1 as a constexpr, on which ``.to(tl.int64)``
+# fails to compile. The forward's statistics and finalize kernels run here under that
+# setting too (same source, other specialization; kernels/mlp_update.py launches them
+# specialized).
+_COUNTS = ["nt", "n_tiles", "n_slots", "n_rows", "n_cols"]
+_stats_kernel = triton.jit(do_not_specialize=_COUNTS[:2])(_mlp_stats_kernel.fn)
+_finalize_kernel = triton.jit(do_not_specialize=_COUNTS[:2])(_mlp_finalize_kernel.fn)
+
+
 @triton.jit
 def _col(X, j: tl.constexpr, DP: tl.constexpr):
     """Column j of a [BLOCK, DP] tile (the inverse of the forward's ``_put``)."""
@@ -165,7 +175,7 @@ def _factored_inputs(fr_ptr, frc_ptr, fcc_ptr, numel, rows, cols, r, c, idx, vm,
 
 
 @triton.heuristics({"HAS_LR_T": lambda a: a["lr_ptr"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS[:3])
 def _bwd_tiles_kernel(p_base, g_base, m_base, v_base, fr_base, step_base, gp_base, gm_base,
                       gv_base, gfr_base, cp, dp_base, dg_base, dm_base, dv_base,
                       dfr_base, lr_ptr, tiles, info, nt, n_tiles, n_slots,
@@ -488,7 +498,7 @@ def _line_grads(i, q, n_parts, lines, new, ct, old, d_old, coefs, g2_part, other
                            0.0), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS[:2])
 def _bwd_finalize_kernel(fr_base, fc_base, gfr_base, gfc_base, cp, dfr_base, dfc_base, info,
                          nt, n_tiles, ws, fin_off, q1_off, dec_off, fin2_off, decays,
                          K: tl.constexpr, R: tl.constexpr, F: tl.constexpr, FS: tl.constexpr,
@@ -596,7 +606,7 @@ def _bwd_finalize_kernel(fr_base, fc_base, gfr_base, gfc_base, cp, dfr_base, dfc
     tl.store(ws + dec_off + (nti + t) * (KRF + 1) + kk, row, mask=kk < KRF + 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS[:2])
 def _bwd_reduced_kernel(p_base, g_base, m_base, v_base, fr_base, dp_base, dg_base, dm_base,
                         dv_base, dfr_base, tiles, info, nt, n_tiles, ws,
                         fin_off, dec_off, fin2_off, decays, eps, fac_eps,
@@ -676,7 +686,7 @@ def _bwd_reduced_kernel(p_base, g_base, m_base, v_base, fr_base, dp_base, dg_bas
     tl.store(dg_ptr + idx, tl.load(dg_ptr + idx, mask=vm, other=0.0) + dg, mask=vm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNTS[3:])
 def _sum_rows_kernel(src, n_rows, n_cols, dst, RB: tl.constexpr, CB: tl.constexpr):
     """``dst[c] = Σ_r src[r, c]`` over a row-major [n_rows, n_cols] block, rows in a fixed
     order (blocks of RB, then the block's tree)."""
@@ -911,10 +921,10 @@ def mlp_step_backward(inputs: Sequence[Sequence[torch.Tensor]],
     consts = dict(K=K, R=R, F=F, num_warps=NUM_WARPS)
     with device_guard(device):
         if nti:
-            _mlp_stats_kernel[(nti,)](
+            _stats_kernel[(nti,)](
                 params[bp], grads[bg], moms[bm], rmss[bv], fac_rows[bfr], table.tiles,
                 table.info, nt, nti, ws, decays, eps, fac_eps, TR=tr, TC=tc, **consts)
-        _mlp_finalize_kernel[(nt,)](
+        _finalize_kernel[(nt,)](
             cp, cp, cp, table.tiles, table.info_fin, nt, nti, ws, table.fin_off, decays, ts,
             w0, b0, float(hp.norm_eps), T=T, NE=NE, H0=H0, H0P=H0P, NS_P=_pow2(NS),
             FP=_pow2(F), TP=_pow2(T), FS=FS, RBLOCK=RBLOCK, **consts)

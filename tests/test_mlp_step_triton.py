@@ -284,6 +284,19 @@ def test_gpu_compiled_against_reference(precision, atol_scale):
 
 
 @pytest.mark.gpu
+def test_gpu_one_tensor_one_tile():
+    """Counts of 1 (tensors, tiles, slots, reduced rows): Triton would specialize such
+    int arguments as constexprs; the kernels take them unspecialized."""
+    inputs, weights, decays, hp = _cuda_case([(3,)], torch.float32,
+                                             config=MLPConfig(hidden_sizes=(8, 8), features=
+                                                              MINIMAL.features))
+    cts = _cotangents(inputs)
+    got = _triton(inputs, weights, decays, hp, cts)
+    _compare(got, mstep.mlp_step_backward_reference(inputs, weights, decays, hp, cts),
+             "cuda one tile")
+
+
+@pytest.mark.gpu
 def test_gpu_bf16_params():
     inputs, weights, decays, hp = _cuda_case([(33, 65), (257,), ()], torch.bfloat16)
     cts = _cotangents(inputs)
