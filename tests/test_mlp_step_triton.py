@@ -209,21 +209,23 @@ def triton_calls(monkeypatch):
 
 @needs_interpreter
 @needs_native
-@pytest.mark.parametrize("path", ["eager", "op"])
-def test_autograd_through_mlp_step_with_triton_forced(path, triton_calls):
+def test_autograd_through_mlp_step_with_triton_forced(triton_calls):
     """torch.autograd.grad through pyoptk.ops.mlp_step (every input a leaf: params,
     grads, state, weights, decays, lr) with the triton backend forced equals the native
-    backward's (the forward is then Triton's too)."""
-    step_fn = mlp_step if path == "eager" else _op_step
+    backward's (the forward is then Triton's too), on the eager fast path and through
+    torch.ops.pyoptk.mlp_step alike (bit for bit the same there)."""
     inputs, weights, decays, hp = make_case([(7, 5), (17,), (), (2, 0, 3)],
                                             dtype=torch.float32, config=SMALL)
-    native = _grads(inputs, weights, decays, hp, step_fn)
+    native = _grads(inputs, weights, decays, hp, mlp_step)
     assert not triton_calls
+    got = {}
     with pyoptk.use_backend("triton"):
         assert mstep.backward_backend(inputs, weights, hp) == "triton"
-        tri = _grads(inputs, weights, decays, hp, step_fn)
-    assert len(triton_calls) == 1
-    for i, (a, e) in enumerate(zip(tri, native)):
+        for path, step_fn in (("eager", mlp_step), ("op", _op_step)):
+            got[path] = _grads(inputs, weights, decays, hp, step_fn)
+    assert len(triton_calls) == 2
+    for i, (a, b, e) in enumerate(zip(got["eager"], got["op"], native)):
+        assert torch.equal(a, b), f"grad[{i}]: eager and op paths differ"
         scale = e.abs().max().item() if e.numel() else 0.0
         assert_close(a, e, atol=FP32_ATOL_SCALE * scale + 1e-30, rtol=FP32_RTOL,
                      what=f"grad[{i}]")
