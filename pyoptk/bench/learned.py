@@ -16,7 +16,9 @@ Three parts, each against baselines measured in the same process on the same dat
    CPU allocator during the step, recorded by ``torch.profiler`` (``profile_memory``),
    replayed in order; the peak of the running total is reported.
 3. **meta** — forward + backward of one differentiable step, as meta-training runs it:
-   ``pyoptk.ops.mlp_step`` (the fused backward) against autograd through the reference
+   ``pyoptk.ops.mlp_step`` (the fused backward the device gets by default: the native
+   kernel on CPU, the Triton kernels on CUDA; the row's label and ``backend`` column say
+   which ran) against autograd through the reference
    ``pyoptk.ops.mlp_update_functional``; time and peak memory. Every floating input
    (params, grads, state, MLP weights) requires grad and every floating output gets a
    fixed random cotangent. When this build has no ``pyoptk.ops.mlp_step`` the suite
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -54,6 +57,9 @@ DEFAULT_LAYOUTS = {"cpu": ["resnet50", "flat-1m"], "cuda": list(LAYOUTS)}
 # parameter with the default config): larger layouts run out of memory.
 DEFAULT_META_LAYOUTS = {"cpu": ["flat-1m"], "cuda": ["resnet50", "flat-1m", "flat-10m"]}
 CSV_EXTRA = ["mode", "vs_adamw", "state_B_per_param", "peak_MB", "peak_method", "note"]
+# What ran as mlp_step's backward (pyoptk.ops.mlp_step.backward_backend), for the labels.
+BACKWARD_LABELS = {"cpu": "native CPU backward", "triton": "Triton backward",
+                   "torch": "autograd over the reference"}
 
 
 def all_layouts() -> Dict[str, Callable]:
@@ -223,6 +229,12 @@ class MetaStepInputs:
         return (self.params, self.grads, self.moms, self.rmss, self.fac_rows, self.fac_cols,
                 self.steps, self.weights, self.decays, self.hp)
 
+    def backward_backend(self) -> str:
+        """The backward ``pyoptk.ops.mlp_step`` runs on these inputs: "cpu", "triton" or
+        "torch"."""
+        mod = importlib.import_module("pyoptk.ops.mlp_step")
+        return mod.backward_backend(list(self.args()[:7]), self.weights, self.hp)
+
     def forward_backward(self, step_fn: Callable) -> None:
         outs = step_fn(*self.args())
         ys, cots = [], []
@@ -248,6 +260,10 @@ def bench_meta(layout: str, device: torch.device, config: MLPConfig, warmup: int
         row["label"] = name
         try:
             inputs = MetaStepInputs(shapes, device, config)
+            if fn is not mlp_update_functional:
+                bwd = inputs.backward_backend()
+                row["backend"] = bwd
+                row["label"] = f"mlp_step [{BACKWARD_LABELS[bwd]}]"
             step = lambda: inputs.forward_backward(fn)  # noqa: E731
             _peak(row, step, device)
             t = harness.time_fn(step, device, warmup=max(0, warmup - 1), reps=reps)

@@ -22,9 +22,17 @@ planes, two hidden activations and a dozen temporaries per element).
     through the MLP, per-chunk weight-gradient partials summed in a fixed order, and
     the per-tensor / per-row / per-column reductions of the normalization and factored
     terms); B2 (the terms coming back through those reductions).
+  - ``triton``: the fused Triton kernels of ``kernels/mlp_step_grad.py`` (the ``auto``
+    choice on CUDA; CPU tensors under ``TRITON_INTERPRET=1`` when forced with
+    ``use_backend("triton")``): the same passes as the native kernel on the Triton
+    forward's tiles, seven launches over all tensors, the MLP's backward through
+    ``tl.dot`` (the forward's precision: "tf32" on GPUs, "ieee" in the interpreter),
+    weight gradients accumulated per slot of tiles and summed in slot order. Takes what
+    the Triton forward takes (two hidden layers <= 128 wide, <= 128 per-element
+    features, fp32/bf16/fp16 params).
   - ``torch``: autograd over the reference :func:`~pyoptk.ops.mlp_update.mlp_update_one`
-    (devices without the kernel — CUDA for now — and configurations the kernel
-    declines; a one-time :class:`~pyoptk.SlowPathWarning` says so).
+    (devices without a fused backward — CUDA without Triton — and configurations the
+    kernels decline; a one-time :class:`~pyoptk.SlowPathWarning` says so).
 
 Gradients flow to params, grads, moms, rmss, fac_rows, fac_cols, weights, decays and a
 tensor ``hp.lr_t``; ``steps`` get none. A tensor skipped for a non-finite gradient
@@ -43,7 +51,8 @@ import torch
 from torch import Tensor
 
 from pyoptk._backend import (
-    get_backend, implementation, register_backend, use_backend, warn_once)
+    backend_unavailable_reason, get_backend, implementation, register_backend, use_backend,
+    warn_once)
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
@@ -56,7 +65,7 @@ from pyoptk.ops.mlp_update import (
 OP = "mlp_step"
 BACKWARD_OP = "mlp_step_backward"
 
-__all__ = ["mlp_step", "mlp_step_reference", "mlp_step_backward_reference"]
+__all__ = ["mlp_step", "mlp_step_reference", "mlp_step_backward_reference", "backward_backend"]
 
 _ROLES = ("params", "grads", "moms", "rmss", "fac_rows", "fac_cols", "steps")
 _OUT_ROLES = ("params", "moms", "rmss", "fac_rows", "fac_cols", "steps")
@@ -257,32 +266,68 @@ def _native_backward(inputs, weights, decays, hp: MLPUpdateHyper, cotangents,
     return d_in, outs[6], d_dec, d_lr
 
 
+@register_backend(BACKWARD_OP, "triton")
+def _mlp_step_backward_triton(inputs, weights, decays, hp: MLPUpdateHyper, cotangents):
+    """The Triton kernels (``kernels/mlp_step_grad.py``). ``cotangents`` entries may be
+    None (zero); NotImplementedError (before any launch) for what they decline."""
+    from pyoptk.kernels import mlp_step_grad as kernels
+
+    return kernels.mlp_step_backward(inputs, cotangents, weights, decays, hp)
+
+
+def triton_decline_reason(params: Sequence[Tensor], weights: Sequence[Tensor],
+                          hp: MLPUpdateHyper) -> Optional[str]:
+    """Why the Triton backward cannot run this call, or None."""
+    from pyoptk.kernels import mlp_step_grad as kernels
+
+    try:
+        kernels.check_supported(weights, hp, params[0].dtype if params else None)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+# The fused backwards: name in messages, why one declines a call.
+_FUSED = {_mlp_step_backward_cpu: ("native CPU", native_decline_reason),
+          _mlp_step_backward_triton: ("Triton", triton_decline_reason)}
+
+
 def _choose_backward(inputs, weights, hp) -> Callable:
     """The backward implementation for this call (warning once when it is the slow
-    reference): the native kernel where it runs, else autograd over the reference."""
+    reference): the fused kernel of the device's backend where it runs (native on CPU,
+    Triton on CUDA), else autograd over the reference."""
     device = inputs[0][0].device
     chosen = get_backend()
-    if chosen not in ("auto", "cpu", "torch"):
-        # A forced forward backend (cuda/triton) has no backward of its own: pick one.
+    if chosen == "cuda":
+        # A forced forward backend without a backward of its own: pick one.
         with use_backend("auto"):
             fn = implementation(BACKWARD_OP, device.type)
     else:
         fn = implementation(BACKWARD_OP, device.type)
-    if fn is _mlp_step_backward_cpu:
-        why = native_decline_reason(inputs[0], weights, hp)
+    if fn in _FUSED:
+        kernel, decline = _FUSED[fn]
+        why = decline(inputs[0], weights, hp)
         if why is None:
             return fn
-        warn_once((BACKWARD_OP, "declined", why),
-                  f"pyoptk::{BACKWARD_OP}: the native CPU backward does not support {why}; "
+        warn_once((BACKWARD_OP, "declined", kernel, why),
+                  f"pyoptk::{BACKWARD_OP}: the {kernel} backward does not support {why}; "
                   "autograd over the PyTorch reference runs instead (slower, more memory).",
                   stacklevel=2)
         return mlp_step_backward_reference
     if chosen == "auto" and device.type != "cpu":
         warn_once((BACKWARD_OP, "device", device.type),
                   f"pyoptk::{BACKWARD_OP} on {device.type} runs autograd over the PyTorch "
-                  "reference (no fused backward kernel for this device yet): slower and "
-                  "more memory than the CPU kernel.", stacklevel=2)
+                  f"reference (no fused backward for this device: "
+                  f"{backend_unavailable_reason('triton', device.type)}): slower and more "
+                  "memory than the fused kernels.", stacklevel=2)
     return fn
+
+
+def backward_backend(inputs, weights, hp: MLPUpdateHyper) -> str:
+    """Which backward a call with these inputs (the seven lists, non-empty) runs:
+    ``"cpu"`` (native kernel), ``"triton"`` or ``"torch"`` (autograd over the reference)."""
+    fn = _choose_backward(inputs, weights, hp)
+    return {_mlp_step_backward_cpu: "cpu", _mlp_step_backward_triton: "triton"}.get(fn, "torch")
 
 
 # ----------------------------------------------------------------------------------
@@ -343,10 +388,10 @@ def _mlp_step_backward_op(params: List[Tensor], grads: List[Tensor], moms: List[
     inputs = [params, grads, moms, rmss, fac_rows, fac_cols, steps]
     cts = [d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols]
     fn = _choose_backward(inputs, weights, hp) if params else mlp_step_backward_reference
-    if fn is not _mlp_step_backward_cpu:
+    if fn not in _FUSED:
         # Autograd does not run below the Autograd dispatch key, where this runs: the
         # reference backward is called by the autograd formula itself (_backward).
-        raise RuntimeError("pyoptk::mlp_step_backward runs the native kernel only; the "
+        raise RuntimeError("pyoptk::mlp_step_backward runs the fused kernels only; the "
                            "reference backward is pyoptk.ops.mlp_step.mlp_step_backward_reference")
     d_in, d_w, d_dec, d_lr = fn(inputs, weights, decays, hp, cts)
     if d_lr is None:
@@ -400,7 +445,7 @@ def _backward(ctx, d_params, d_moms, d_rmss, d_fac_rows, d_fac_cols, d_steps):
         cts.append([torch.zeros_like(r) if c is None else c for c, r in zip(lst, ref)])
     if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
         d_in, d_w, d_dec, d_lr = _backward_differentiable(lists, weights, decays, hp, cts)
-    elif _choose_backward(lists, weights, hp) is _mlp_step_backward_cpu:
+    elif _choose_backward(lists, weights, hp) in _FUSED:
         res = torch.ops.pyoptk.mlp_step_backward(*lists, *cts, weights, decays, *s)
         d_in, d_w, d_dec = res[:6], res[6], res[7]
         d_lr = res[8] if lr_t is not None else None
@@ -506,8 +551,17 @@ class _MLPStepFunction(torch.autograd.Function):
         nig = ctx.needs_input_grad  # (n, n_w, hp, *flat)
         need = [any(nig[3 + k * n:3 + (k + 1) * n]) for k in range(6)]
         need += [any(nig[3 + 7 * n:3 + 7 * n + n_w]), nig[3 + 7 * n + n_w]]
-        if torch.is_grad_enabled() or _choose_backward(lists, weights, hp) \
-                is not _mlp_step_backward_cpu:
+        fn = None if torch.is_grad_enabled() else _choose_backward(lists, weights, hp)
+        if fn is _mlp_step_backward_cpu:
+            d_in, d_w, d_dec, d_lr = _native_backward(lists, weights, decays, hp, cts, need)
+        elif fn is _mlp_step_backward_triton:
+            # (None cotangents are zeros there too; the groups nobody asked for are
+            # computed anyway and dropped)
+            d_in, d_w, d_dec, d_lr = fn(lists, weights, decays, hp, cts)
+            d_in = tuple(g if want else [None] * n for g, want in zip(d_in, need))
+            d_w = d_w if need[6] else None
+            d_dec = d_dec if need[7] else None
+        else:
             # create_graph=True (a differentiable backward) or the reference backward:
             # as the op's formula, with zero cotangents materialized.
             refs = (lists[0], lists[2], lists[3], lists[4], lists[5])
@@ -519,8 +573,6 @@ class _MLPStepFunction(torch.autograd.Function):
             else:
                 d_in, d_w, d_dec, d_lr = mlp_step_backward_reference(lists, weights, decays,
                                                                      hp, cts)
-        else:
-            d_in, d_w, d_dec, d_lr = _native_backward(lists, weights, decays, hp, cts, need)
         grads = [g for lst in d_in for g in lst]
         grads += [None] * n
         grads += list(d_w) if d_w is not None else [None] * n_w
