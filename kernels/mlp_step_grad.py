@@ -119,12 +119,8 @@ I_COEFC = tl.constexpr(_COEFC)
 # ----------------------------------------------------------------------------------
 # Counts that may be 1 (one tensor, one tile, one slot) are not specialized: Triton
 # would pass an int argument equal to 1 as a constexpr, on which ``.to(tl.int64)``
-# fails to compile. The forward's statistics and finalize kernels run here under that
-# setting too (same source, other specialization; kernels/mlp_update.py launches them
-# specialized).
+# fails to compile (the forward's kernels, reused here, do the same).
 _COUNTS = ["nt", "n_tiles", "n_slots", "n_rows", "n_cols"]
-_stats_kernel = triton.jit(do_not_specialize=_COUNTS[:2])(_mlp_stats_kernel.fn)
-_finalize_kernel = triton.jit(do_not_specialize=_COUNTS[:2])(_mlp_finalize_kernel.fn)
 
 
 @triton.jit
@@ -921,10 +917,10 @@ def mlp_step_backward(inputs: Sequence[Sequence[torch.Tensor]],
     consts = dict(K=K, R=R, F=F, num_warps=NUM_WARPS)
     with device_guard(device):
         if nti:
-            _stats_kernel[(nti,)](
+            _mlp_stats_kernel[(nti,)](
                 params[bp], grads[bg], moms[bm], rmss[bv], fac_rows[bfr], table.tiles,
                 table.info, nt, nti, ws, decays, eps, fac_eps, TR=tr, TC=tc, **consts)
-        _finalize_kernel[(nt,)](
+        _mlp_finalize_kernel[(nt,)](
             cp, cp, cp, table.tiles, table.info_fin, nt, nti, ws, table.fin_off, decays, ts,
             w0, b0, float(hp.norm_eps), T=T, NE=NE, H0=H0, H0P=H0P, NS_P=_pow2(NS),
             FP=_pow2(F), TP=_pow2(T), FS=FS, RBLOCK=RBLOCK, **consts)

@@ -126,7 +126,9 @@ def _tile_setup(tiles, info, nt, pid, TR: tl.constexpr, TC: tl.constexpr):
     return t, numel, rows, cols, fac, rt, ct, r, c, idx, mask
 
 
-@triton.jit
+# Counts that may be 1 (one tensor, one tile) are not specialized: Triton passes an int
+# argument equal to 1 as a constexpr, on which ``.to(tl.int64)`` does not compile.
+@triton.jit(do_not_specialize=["nt", "n_tiles"])
 def _mlp_stats_kernel(p_base, g_base, m_base, v_base, fr_base, tiles, info, nt, n_tiles, ws,
                       decays, eps, fac_eps,
                       K: tl.constexpr, R: tl.constexpr, F: tl.constexpr, TR: tl.constexpr,
@@ -197,7 +199,7 @@ def _tanh64(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nt", "n_tiles"])
 def _mlp_finalize_kernel(fr_base, fc_base, step_base, tiles, info, nt, n_tiles, ws, fin_off,
                          decays, timescales, w0, b0, norm_eps,
                          K: tl.constexpr, R: tl.constexpr, F: tl.constexpr, T: tl.constexpr,
@@ -315,7 +317,7 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.heuristics({"HAS_LR_T": lambda a: a["lr_ptr"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=["nt"])
 def _mlp_apply_kernel(p_base, g_base, m_base, v_base, fr_base, fc_base, lr_ptr, tiles, info,
                       nt, ws, fin_off, decays, w0, w1, b1, w2, b2,
                       lr_hi, lr_lo, step_mult, exp_mult, wd, eps, fac_eps, log_sign_k,

@@ -599,8 +599,9 @@ def test_backward_does_not_depend_on_thread_count(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_backward_falls_back_to_reference_with_a_warning(monkeypatch):
-    """CUDA has no fused backward yet: autograd over the reference, warned once, with
-    the CPU kernel's gradients."""
+    """When the Triton backward declines a call, CUDA runs autograd over the reference,
+    warned once, with the CPU kernel's gradients (the default Triton path itself:
+    tests/test_mlp_step_triton.py)."""
     inputs, weights, decays, hp = make_case([(33, 65), (257,)], dtype=torch.float32)
     cpu = _grads(inputs, weights, decays, hp, mlp_step)
     dev = torch.device("cuda")
@@ -608,6 +609,9 @@ def test_cuda_backward_falls_back_to_reference_with_a_warning(monkeypatch):
     g_inputs = [[to(t) for t in lst] for lst in inputs]
     g_hp = mstep._replace_lr(hp, to(hp.lr_t))
     monkeypatch.setattr(_backend, "_warned", set())
-    with pytest.warns(pyoptk.SlowPathWarning, match="mlp_step_backward on cuda"):
+    triton_fn = mstep._mlp_step_backward_triton
+    monkeypatch.setitem(mstep._FUSED, triton_fn,
+                        (mstep._FUSED[triton_fn][0], lambda *a: "a test's decline"))
+    with pytest.warns(pyoptk.SlowPathWarning, match="does not support a test's decline"):
         gpu = _grads(g_inputs, [to(w) for w in weights], to(decays), g_hp, mlp_step)
     _compare([g.cpu() for g in gpu], cpu, 1e-4, 1e-3, "cuda grad")
