@@ -71,6 +71,13 @@ def shard_meta_batch(batch, rank: int, world_size: int):
     return type(batch)(*(t[rank * n:(rank + 1) * n] for t in batch))
 
 
+def _adapts_convolution(model: nn.Module, adapted: Sequence[str]) -> bool:
+    """Whether one of the ``adapted`` parameters belongs to a convolution module."""
+    return any(name in adapted for prefix, m in model.named_modules()
+               if isinstance(m, nn.modules.conv._ConvNd)
+               for name, _ in m.named_parameters(prefix=prefix, recurse=False))
+
+
 def _resolve_adapted(model: nn.Module, adapt: Optional[Sequence[str]]) -> List[str]:
     names = [n for n, p in model.named_parameters()]
     if not names:
@@ -106,6 +113,10 @@ class MAML(nn.Module):
         inner_optimizer (str): ``"sgd"`` (default) or ``"adam"``.
         adam_betas, adam_eps: the inner Adam's hyperparameters.
         batched (bool): vmap the forward over tasks (default True).
+        batch_query (bool, optional): with ``batched``, vmap the query pass too (one
+            forward of the adapted parameters on each task's query set). Default: yes,
+            unless an adapted parameter belongs to a convolution; then the query pass
+            loops over tasks (see the module docstring, **Convolutions**).
         hvp (str): ``"exact"`` (default) or ``"finite_difference"`` (see :meth:`meta_loss`).
         checkpoint_inner (bool): gradient checkpointing of the inner loop (default False;
             see the module docstring).
@@ -120,7 +131,8 @@ class MAML(nn.Module):
                  inner_lr: float = 0.01, first_order: bool = False,
                  learn_inner_lr: bool = False, adapt: Optional[Sequence[str]] = None,
                  inner_optimizer: str = "sgd", adam_betas: Tuple[float, float] = (0.9, 0.999),
-                 adam_eps: float = 1e-8, batched: bool = True, hvp: str = "exact",
+                 adam_eps: float = 1e-8, batched: bool = True,
+                 batch_query: Optional[bool] = None, hvp: str = "exact",
                  checkpoint_inner: bool = False, fd_eps: float = 1e-4):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -156,6 +168,9 @@ class MAML(nn.Module):
         self.checkpoint_inner = bool(checkpoint_inner)
         self.fd_eps = float(fd_eps)
         self.adapted_names: List[str] = _resolve_adapted(model, adapt)
+        #: Whether (with :attr:`batched`) the query pass is vmapped over tasks.
+        self.batch_query = (not _adapts_convolution(model, self.adapted_names)
+                            if batch_query is None else bool(batch_query))
         params = dict(model.named_parameters())
         #: MetaSGD's learned inner learning rates, one per adapted parameter (same shape),
         #: in the order of :attr:`adapted_names`; ``None`` without ``learn_inner_lr``.
@@ -172,26 +187,35 @@ class MAML(nn.Module):
         out.update(dict(self.model.named_buffers()))
         return out
 
-    def forward_tasks(self, adapted: Dict[str, Tensor], x: Tensor) -> Tensor:
+    def forward_tasks(self, adapted: Dict[str, Tensor], x: Tensor, *,
+                      batched: Optional[bool] = None) -> Tensor:
         """Outputs ``[T, ...]`` of the model on each task's inputs ``x [T, ...]`` with that
         task's adapted parameters ``adapted[name]: [T, *shape]`` (the other parameters
-        shared)."""
+        shared): one vmapped call, or a loop over tasks (``batched``, default
+        :attr:`batched`)."""
         shared = self._shared()
 
         def one(p: Dict[str, Tensor], xt: Tensor) -> Tensor:
             return functional_call(self.model, {**shared, **p}, (xt,))
 
-        if self.batched:
+        if self.batched if batched is None else batched:
             return vmap(one)(adapted, x)
-        return torch.stack([one({n: v[t] for n, v in adapted.items()}, x[t])
-                            for t in range(x.shape[0])])
+        # unbind, not indexing: its backward stacks the T per-task gradients once,
+        # where T selects would each scatter into a zero [T, *shape] tensor.
+        per_task = zip(*(v.unbind(0) for v in adapted.values()))
+        return torch.stack([one(dict(zip(adapted, ps)), xt)
+                            for ps, xt in zip(per_task, x.unbind(0))])
 
-    def task_losses(self, adapted: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def task_losses(self, adapted: Dict[str, Tensor], x: Tensor, y: Tensor, *,
+                    batched: Optional[bool] = None) -> Tensor:
         """Per-task losses ``[T]`` of the adapted parameters on ``(x [T, ...], y [T, ...])``."""
-        out = self.forward_tasks(adapted, x)
-        if self.batched:
+        return self._losses(self.forward_tasks(adapted, x, batched=batched), y, batched)
+
+    def _losses(self, out: Tensor, y: Tensor, batched: Optional[bool] = None) -> Tensor:
+        """``loss_fn`` per task: ``[T]`` from outputs ``[T, ...]`` and targets ``[T, ...]``."""
+        if self.batched if batched is None else batched:
             return vmap(self.loss_fn)(out, y)
-        return torch.stack([self.loss_fn(out[t], y[t]) for t in range(out.shape[0])])
+        return torch.stack([self.loss_fn(o, t) for o, t in zip(out.unbind(0), y.unbind(0))])
 
     # ------------------------------------------------------------------ inner loop
     def _check_batch(self, x: Tensor, y: Tensor, what: str) -> int:
@@ -207,10 +231,15 @@ class MAML(nn.Module):
         return int(x.shape[0])
 
     def initial_params(self, num_tasks: int) -> List[Tensor]:
-        """The adapted parameters at step 0: each meta-parameter repeated ``[T, *shape]``
-        (contiguous copies, differentiable back to the meta-parameters)."""
+        """The adapted parameters at step 0: each meta-parameter broadcast to
+        ``[T, *shape]`` (an expanded view, differentiable back to the meta-parameter).
+
+        A view, not a copy: the support forward of step 0 saves these tensors for the
+        outer backward, and ``T`` contiguous copies would stay alive until then (one
+        ``[T, *shape]`` tensor per parameter, measured at the peak). The fused inner
+        step needs contiguous inputs and gets a transient copy (:func:`_dense`)."""
         params = dict(self.model.named_parameters())
-        return [params[n].unsqueeze(0).expand(num_tasks, *params[n].shape).contiguous()
+        return [params[n].unsqueeze(0).expand(num_tasks, *params[n].shape)
                 for n in self.adapted_names]
 
     def _lrs(self, num_tasks: int) -> Optional[List[Tensor]]:
@@ -260,6 +289,7 @@ class MAML(nn.Module):
             def step(k: int, *flat: Tensor) -> Tuple[Tensor, ...]:
                 th, m, v = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
                 _, grads = self.inner_grads(th, support_x, support_y, create_graph)
+                th = _dense(th)
                 if self.inner_optimizer == "adam":
                     th, m, v = inner_adam(th, grads, m, v, k + 1, self.inner_lr,
                                           self.adam_betas[0], self.adam_betas[1], self.adam_eps)
@@ -322,13 +352,17 @@ class MAML(nn.Module):
                 self, (sx, sy, qx, qy), len(adapted), len(shared), *adapted, *shared, *lrs)
         else:
             adapted = self.adapt(sx, sy)
-            out = self.forward_tasks(adapted, qx)
-            if self.batched:
-                loss = vmap(self.loss_fn)(out, qy).mean()
-            else:
-                loss = torch.stack([self.loss_fn(out[t], qy[t])
-                                    for t in range(out.shape[0])]).mean()
+            batched = self.batched and self.batch_query
+            out = self.forward_tasks(adapted, qx, batched=batched)
+            loss = self._losses(out, qy, batched).mean()
         return (loss, out) if return_outputs else loss
+
+
+def _dense(ts: List[Tensor]) -> List[Tensor]:
+    """``ts`` made contiguous: a copy only of step 0's expanded views. The inner step
+    ops save neither their params nor (SGD with a float lr) their grads, so such a copy
+    lives only for the duration of the step."""
+    return [t.contiguous() for t in ts]
 
 
 def _broadcast(r: Tensor, like: Tensor) -> Tensor:
@@ -367,8 +401,7 @@ class _FiniteDifferenceMetaLoss(torch.autograd.Function):
                 theta = (inner_metasgd(theta, g, lr_b) if lr_b
                          else inner_sgd(theta, g, maml.inner_lr))
         out = maml.forward_tasks(dict(zip(maml.adapted_names, theta)), qx)
-        loss = vmap(maml.loss_fn)(out, qy).mean() if maml.batched else torch.stack(
-            [maml.loss_fn(out[t], qy[t]) for t in range(T)]).mean()
+        loss = maml._losses(out, qy).mean()
         ctx.maml, ctx.batch = maml, batch
         ctx.n_adapted, ctx.n_shared = n_adapted, n_shared
         ctx.thetas, ctx.grads, ctx.theta_K, ctx.lr_b = thetas, grads, theta, lr_b
