@@ -230,33 +230,23 @@ class MAML(nn.Module):
                              "must agree in the task and example dimensions [T, n]")
         return int(x.shape[0])
 
-    def initial_params(self, num_tasks: int) -> List[Tensor]:
-        """The adapted parameters at step 0: each meta-parameter broadcast to
-        ``[T, *shape]`` (an expanded view, differentiable back to the meta-parameter).
-
-        A view, not a copy: the support forward of step 0 saves these tensors for the
-        outer backward, and ``T`` contiguous copies would stay alive until then (one
-        ``[T, *shape]`` tensor per parameter, measured at the peak). The fused inner
-        step needs contiguous inputs and gets a transient copy (:func:`_dense`)."""
-        params = dict(self.model.named_parameters())
-        return [params[n].unsqueeze(0).expand(num_tasks, *params[n].shape)
-                for n in self.adapted_names]
-
     def _lrs(self, num_tasks: int) -> Optional[List[Tensor]]:
         if self.inner_lrs is None:
             return None
         return [a.unsqueeze(0).expand(num_tasks, *a.shape).contiguous() for a in self.inner_lrs]
 
-    def inner_grads(self, theta: List[Tensor], x: Tensor, y: Tensor, create_graph: bool
-                    ) -> Tuple[Tensor, List[Tensor]]:
-        """``(losses [T], grads)``: every task's support loss and its gradient with respect
-        to that task's adapted parameters (one backward for the whole batch: tasks are
-        independent, so the gradient of the summed loss is the per-task gradient)."""
+    def inner_grads(self, theta: List[Tensor], x: Tensor, y: Tensor, create_graph: bool,
+                    scale: float = 1.0) -> Tuple[Tensor, List[Tensor]]:
+        """``(losses [T], grads)``: every task's support loss and ``scale`` times its
+        gradient with respect to that task's adapted parameters (one backward for the
+        whole batch: tasks are independent, so the gradient of the summed loss is the
+        per-task gradient). The grads may be non-contiguous (e.g. a vmapped linear
+        layer's weight gradient is a transpose)."""
         losses = self.task_losses(dict(zip(self.adapted_names, theta)), x, y)
-        grads = torch.autograd.grad(losses.sum(), theta, create_graph=create_graph,
-                                    allow_unused=True)
-        return losses, [torch.zeros_like(t) if g is None else g.contiguous()
-                        for t, g in zip(theta, grads)]
+        total = losses.sum()
+        grads = torch.autograd.grad(total, theta, torch.full_like(total, scale),
+                                    create_graph=create_graph, allow_unused=True)
+        return losses, [torch.zeros_like(t) if g is None else g for t, g in zip(theta, grads)]
 
     @torch.compiler.disable
     def adapt(self, support_x: Tensor, support_y: Tensor, *,
@@ -277,9 +267,12 @@ class MAML(nn.Module):
         if create_graph is None:
             create_graph = track and not self.first_order
         with torch.enable_grad():
-            theta = self.initial_params(T)
-            if not track:
-                theta = [t.detach().requires_grad_() for t in theta]
+            params = dict(self.model.named_parameters())
+            start = [params[n] if track else params[n].detach().requires_grad_()
+                     for n in self.adapted_names]
+            # Step 0's [T, *shape] parameters: expanded views of θ_0, never copies (the
+            # support forward would save T copies until the outer backward).
+            theta = [p.expand(T, *p.shape) for p in start]
             lrs = self._lrs(T)
             n = len(theta)
             # Adam's moments (m then v) travel with the parameters through each step.
@@ -288,15 +281,23 @@ class MAML(nn.Module):
 
             def step(k: int, *flat: Tensor) -> Tuple[Tensor, ...]:
                 th, m, v = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
+                if self.inner_optimizer == "sgd" and lrs is None:
+                    # SGD with a fixed lr: the step s = -α ∇L comes out of the backward
+                    # seeded with -α, and θ' = θ + s is a plain add, whose backward hands
+                    # the cotangent of θ' to both inputs as the same tensor. Through
+                    # inner_sgd, d_g = -α d_θ' would be one more [T, *shape] tensor per
+                    # parameter, alive with the step's Hessian-vector terms (measured at
+                    # the peak). Step 0 adds to the unbatched θ_0 (broadcast), so its
+                    # backward sums the tasks' cotangents at once.
+                    _, steps = self.inner_grads(th, support_x, support_y, create_graph,
+                                                -self.inner_lr)
+                    return tuple(torch.add(p, s) for p, s in zip(start if k == 0 else th, steps))
                 _, grads = self.inner_grads(th, support_x, support_y, create_graph)
-                th = _dense(th)
                 if self.inner_optimizer == "adam":
-                    th, m, v = inner_adam(th, grads, m, v, k + 1, self.inner_lr,
+                    th, m, v = inner_adam(_dense(th), _dense(grads), m, v, k + 1, self.inner_lr,
                                           self.adam_betas[0], self.adam_betas[1], self.adam_eps)
-                elif lrs is not None:
-                    th = inner_metasgd(th, grads, lrs)
                 else:
-                    th = inner_sgd(th, grads, self.inner_lr)
+                    th = inner_metasgd(_dense(th), _dense(grads), lrs)
                 return tuple(th + m + v)
 
             for k in range(self.inner_steps):
@@ -359,9 +360,9 @@ class MAML(nn.Module):
 
 
 def _dense(ts: List[Tensor]) -> List[Tensor]:
-    """``ts`` made contiguous: a copy only of step 0's expanded views. The inner step
-    ops save neither their params nor (SGD with a float lr) their grads, so such a copy
-    lives only for the duration of the step."""
+    """``ts`` made contiguous for the fused inner-step ops: a copy only of step 0's
+    expanded views and of transposed gradients. The ops save neither their params nor
+    the copies' originals, so the copies live only for the step."""
     return [t.contiguous() for t in ts]
 
 
@@ -395,6 +396,7 @@ class _FiniteDifferenceMetaLoss(torch.autograd.Function):
             for _ in range(maml.inner_steps):
                 theta = [t.requires_grad_() for t in theta]
                 _, g = maml.inner_grads(theta, sx, sy, create_graph=False)
+                g = _dense(g)
                 theta = [t.detach() for t in theta]
                 thetas.append(theta)
                 grads.append(g)
