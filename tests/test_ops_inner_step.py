@@ -267,6 +267,28 @@ def test_gradgradcheck_adam_params_output_only():
         assert gradgradcheck(adam, (*p, *g, *m, *v, lr))
 
 
+def test_sgd_with_float_lr_saves_nothing_and_is_twice_differentiable():
+    """With a float lr the backward is d_g = -lr * d_p: the op saves nothing (a saved
+    copy of the grads would keep every inner step's [T, *shape] gradients alive through
+    an unrolled loop; a tensor lr saves them for d_lr), and its backward is
+    differentiable again, also when only some outputs are used (None cotangents)."""
+    p, g, *_ = _gc_inputs()
+    n, saved = len(p), []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        inner_sgd(p, g, 0.3)
+        assert saved == []
+        inner_sgd(p, g, torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
+    assert saved == [x.shape for x in g] + [()]  # the grads and lr: d_lr = -sum(d_p * g)
+
+    def sgd(*x):
+        return tuple(inner_sgd(list(x[:n]), list(x[n:]), 0.3))
+
+    for fn in (sgd, lambda *x: sgd(*x)[1]):  # the second: None cotangents for the others
+        assert gradcheck(fn, (*p, *g))
+        assert gradgradcheck(fn, (*p, *g))
+
+
 def test_double_backward_of_adam_warns_once():
     p, g, m, v, lrs, lr = _gc_inputs()
     _backend._warned.discard((ist.BWD_ADAM, "double"))

@@ -4,11 +4,12 @@ For each problem and each number of inner SGD steps (1, 5, 10 by default), one
 meta-batch's meta-gradient (forward through the inner loop, backward into the
 initialization) is computed four ways on the same data, timed round-robin in one run:
 
-* ``pyoptk MAML`` — :class:`pyoptk.meta.maml.MAML`: all tasks at once (``torch.func.vmap``
-  forward over tasks, one batched second-order backward, the fused ``inner_sgd`` op with
-  its fused backward per task batch);
+* ``pyoptk MAML`` — :class:`pyoptk.meta.maml.MAML` with its defaults: all tasks at once
+  (``torch.func.vmap`` support forwards over tasks, one batched second-order backward;
+  the CNN's query pass loops over tasks, see the class's ``batch_query``);
 * ``pyoptk MAML (task loop)`` — the same with ``batched=False``: a Python loop over
-  tasks instead of vmap (less memory for CNNs, whose vmapped convolutions copy inputs);
+  tasks instead of vmap (slower; a lower peak, since the backward forms one task's
+  cotangents at a time and vmapped max-pooling saves a task-major copy of its input);
 * ``torch.autograd unrolled`` — the plain reference a user writes: per task,
   ``functional_call`` + ``torch.autograd.grad(create_graph=True)`` + ``p - lr * g``;
 * ``higher`` — ``higher.innerloop_ctx`` with a differentiable SGD, per task.

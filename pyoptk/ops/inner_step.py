@@ -553,20 +553,32 @@ def _(grads, exp_avgs, exp_avg_sqs, d_params, d_exp_avgs, d_exp_avg_sqs, step, l
 # ----------------------------------------------------------------------------------
 def _sgd_setup(ctx, inputs, output):
     params, grads, lr, lr_t = inputs
-    ctx.lr = lr
+    ctx.lr, ctx.n = lr, len(params)
     ctx.has_lr = lr_t is not None
-    ctx.save_for_backward(*grads, *([lr_t] if lr_t is not None else []))
+    # The grads are needed only for d_lr = -sum(d_p * g). With a float lr nothing is
+    # saved: an unrolled inner loop would otherwise keep every step's [T, *shape]
+    # gradients alive until the outer backward reaches that step (autograd frees them
+    # as soon as the next step has used them).
+    if lr_t is not None:
+        ctx.save_for_backward(*grads, lr_t)
 
 
 def _sgd_backward(ctx, d_new):
+    if not ctx.has_lr:
+        # d_g = -lr * d_p: one scalar multiply (a foreach op, no fused kernel to gain),
+        # on the cotangents as they come (no contiguous copies); its autograd is the
+        # double backward. d_params = d_new passes through (None stays None).
+        live = [d for d in d_new if d is not None]
+        scaled = iter(torch._foreach_mul(live, -ctx.lr) if live else [])
+        d_g = [None if d is None else next(scaled) for d in d_new]
+        return list(d_new), d_g, None, None
     saved = ctx.saved_tensors
-    n = len(saved) - int(ctx.has_lr)
-    grads, lr_t = list(saved[:n]), (saved[n] if ctx.has_lr else None)
-    if n == 0:
-        return [], [], None, (torch.zeros_like(lr_t) if lr_t is not None else None)
+    grads, lr_t = list(saved[:ctx.n]), saved[ctx.n]
+    if ctx.n == 0:
+        return [], [], None, torch.zeros_like(lr_t)
     d_p = _zeros_for(d_new, grads)
     d_g, d_lr = torch.ops.pyoptk.inner_sgd_backward(grads, d_p, ctx.lr, lr_t)
-    return d_p, d_g, None, (d_lr if lr_t is not None else None)
+    return d_p, d_g, None, d_lr
 
 
 _inner_sgd_op.register_autograd(_sgd_backward, setup_context=_sgd_setup)
