@@ -270,13 +270,15 @@ def test_query_pass_vmapped_or_looped_gives_the_same_meta_gradient():
                                   (sine_model(), F.mse_loss, sine_batch())):
         params = list(model.parameters())
         default = MAML(model, loss_fn, inner_steps=2, inner_lr=LR)
-        assert default.batch_query == (not isinstance(model[0], nn.Conv2d))
+        cpu = torch.device("cpu")
+        assert default.query_batched(cpu) == (not isinstance(model[0], nn.Conv2d))
+        assert default.query_batched(torch.device("cuda"))  # (a decision, no CUDA needed)
         want = torch.autograd.grad(default.meta_loss(batch), params)
         for bq in (True, False):
             maml = MAML(model, loss_fn, inner_steps=2, inner_lr=LR, batch_query=bq)
             assert_grads_close(torch.autograd.grad(maml.meta_loss(batch), params), want, 1e-12)
     anil = MAML(conv_model(), F.cross_entropy, adapt=["3"])
-    assert anil.batch_query  # only the linear head adapts: the convolutions are shared
+    assert anil.query_batched(torch.device("cpu"))  # only the head adapts: convs shared
 
 
 def test_adapt_without_grad_is_detached_and_equal():

@@ -35,7 +35,8 @@ when the model's forward cannot be vmapped, e.g. batch norm updating running sta
 convolution; on CPU that is slower than ``T`` separate ones (measured 1.3–2× on the
 bench CNN) and its backward holds all ``T`` tasks' activation gradients at once. So when
 an adapted parameter belongs to a convolution, the query pass (one forward of ``T``
-query sets, the largest activations) loops over tasks by default (``batch_query``);
+query sets, the largest activations) loops over tasks by default on CPU
+(``batch_query``; GPUs keep it vmapped: unmeasured there, and a loop costs launches);
 the many small support passes stay vmapped. Bench CNN, 8 tasks, 1 step (with the memory
 changes above): 1.0× → 1.6× the speed of ``higher``, 26.6 → 16.7 MB.
 
@@ -129,9 +130,10 @@ class MAML(nn.Module):
         adam_betas, adam_eps: the inner Adam's hyperparameters.
         batched (bool): vmap the forward over tasks (default True).
         batch_query (bool, optional): with ``batched``, vmap the query pass too (one
-            forward of the adapted parameters on each task's query set). Default: yes,
-            unless an adapted parameter belongs to a convolution; then the query pass
-            loops over tasks (see the module docstring, **Convolutions**).
+            forward of the adapted parameters on each task's query set). Default
+            (None): yes, except on CPU when an adapted parameter belongs to a
+            convolution; then the query pass loops over tasks (see the module
+            docstring, **Convolutions**, and :meth:`query_batched`).
         hvp (str): ``"exact"`` (default) or ``"finite_difference"`` (see :meth:`meta_loss`).
         checkpoint_inner (bool): gradient checkpointing of the inner loop (default False;
             see the module docstring).
@@ -183,9 +185,10 @@ class MAML(nn.Module):
         self.checkpoint_inner = bool(checkpoint_inner)
         self.fd_eps = float(fd_eps)
         self.adapted_names: List[str] = _resolve_adapted(model, adapt)
-        #: Whether (with :attr:`batched`) the query pass is vmapped over tasks.
-        self.batch_query = (not _adapts_convolution(model, self.adapted_names)
-                            if batch_query is None else bool(batch_query))
+        #: Whether (with :attr:`batched`) the query pass is vmapped over tasks; None:
+        #: per call (:meth:`query_batched`).
+        self.batch_query = None if batch_query is None else bool(batch_query)
+        self._adapts_conv = _adapts_convolution(model, self.adapted_names)
         params = dict(model.named_parameters())
         #: MetaSGD's learned inner learning rates, one per adapted parameter (same shape),
         #: in the order of :attr:`adapted_names`; ``None`` without ``learn_inner_lr``.
@@ -233,6 +236,15 @@ class MAML(nn.Module):
         return torch.stack([self.loss_fn(o, t) for o, t in zip(out.unbind(0), y.unbind(0))])
 
     # ------------------------------------------------------------------ inner loop
+    def query_batched(self, device: torch.device) -> bool:
+        """Whether the query pass on ``device`` is vmapped over tasks (with
+        :attr:`batched`): ``batch_query`` when given; else yes, except on CPU when an
+        adapted parameter belongs to a convolution (module docstring, **Convolutions**;
+        measured on CPU only — on a GPU the loop would cost ``T`` launches per op)."""
+        if self.batch_query is not None:
+            return self.batch_query
+        return not (self._adapts_conv and device.type == "cpu")
+
     def _check_batch(self, x: Tensor, y: Tensor, what: str) -> int:
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise TypeError(f"MAML: {what}_x and {what}_y must be tensors")
@@ -368,7 +380,7 @@ class MAML(nn.Module):
                 self, (sx, sy, qx, qy), len(adapted), len(shared), *adapted, *shared, *lrs)
         else:
             adapted = self.adapt(sx, sy)
-            batched = self.batched and self.batch_query
+            batched = self.batched and self.query_batched(qx.device)
             out = self.forward_tasks(adapted, qx, batched=batched)
             loss = self._losses(out, qy, batched).mean()
         return (loss, out) if return_outputs else loss
