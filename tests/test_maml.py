@@ -340,7 +340,9 @@ def test_no_memory_growth_over_1000_meta_iterations():
     run(50)
     tensors, rss = _live_tensors(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run(1000)
-    assert _live_tensors() == tensors
+    # No growth. (<=, not ==: the count is process-wide, and objects of earlier tests
+    # that something else still referenced may be released meanwhile.)
+    assert _live_tensors() <= tensors
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 20_000  # KiB
 
 
