@@ -297,7 +297,7 @@ class TestBadInput:
             self.call(moms=moms)
 
     def test_state_must_be_fp32(self):
-        with pytest.raises(TypeError, match=r"rmss\[0\] must be torch.float32"):
+        with pytest.raises(TypeError, match=r"rmss\[0\] must be float32"):
             self.call(rmss=[self.state.rms[0].double(), self.state.rms[1]])
 
     def test_factored_shapes(self):

@@ -541,7 +541,7 @@ def test_bad_list_lengths():
 
 def test_bad_state_dtype():
     _bad(lambda a: a[0][3].__setitem__(0, a[0][3][0].double()), TypeError,
-         r"rmss\[0\] must be torch.float32")
+         r"rmss\[0\] must be float32")
 
 
 def test_bad_noncontiguous():

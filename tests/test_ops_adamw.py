@@ -183,6 +183,17 @@ class TestBadInput:
         with pytest.raises(TypeError, match=r"grads\[1\] has dtype torch.float64"):
             adamw_(st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], st["steps"])
 
+    def test_mixed_param_dtypes(self):
+        """A bf16 param among fp32 ones (its grad fp32 like the others) is refused: the
+        kernel would read its bytes as fp32 (it did, silently, before)."""
+        st, grads = self.args()
+        st["params"][1] = st["params"][1].bfloat16()
+        before = st["params"][1].clone()
+        with pytest.raises(TypeError, match=r"params\[1\] has dtype torch.bfloat16 but "
+                                            r"params\[0\] has torch.float32"):
+            adamw_(st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], st["steps"])
+        assert torch.equal(st["params"][1], before)
+
     def test_state_must_be_fp32(self):
         st, grads = self.args()
         st["exp_avgs"][0] = st["exp_avgs"][0].half()

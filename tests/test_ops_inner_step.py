@@ -465,9 +465,9 @@ def test_bad_inputs():
         inner_sgd(p, g, torch.ones(2))
     with pytest.raises(TypeError, match="lr must be a float or a tensor"):
         inner_sgd(p, g, "0.1")
-    with pytest.raises(TypeError, match=r"lrs\[0\] must be torch.float32"):
+    with pytest.raises(TypeError, match=r"lrs\[0\] must be float32"):
         inner_metasgd(p, g, [v[0].double(), v[1]])
-    with pytest.raises(TypeError, match=r"exp_avg_sq\[0\] must be torch.float32"):
+    with pytest.raises(TypeError, match=r"exp_avg_sq\[0\] must be float32"):
         inner_adam(p, g, m, [v[0].half(), v[1]], 1, 1e-3)
     with pytest.raises(ValueError, match="step must be an int >= 1"):
         inner_adam(p, g, m, v, 0, 1e-3)

@@ -3,7 +3,7 @@ reaches a kernel. Errors name the argument and what was expected."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -11,59 +11,95 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPE = torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``."""
+    return str(dtype).replace("torch.", "")
+
+
+def check_list(op: str, name: str, tensors, n: Optional[int] = None,
+               lead: str = "params") -> List[torch.Tensor]:
+    """``tensors`` as a list: a list/tuple of tensors (``n`` of them when given)."""
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if n is not None and len(tensors) != n:
+        raise ValueError(f"{op}: {name} has {len(tensors)} tensors but {lead} has {n}")
+    return list(tensors)
+
+
+def check_tensor(op: str, where: str, t: torch.Tensor, device: torch.device, *,
+                 shape: Optional[Tuple[int, ...]] = None, dtype: Optional[torch.dtype] = None,
+                 lead: str = "params") -> None:
+    """One tensor a kernel will read by pointer: strided, on ``device``, contiguous, and
+    of ``shape`` / ``dtype`` when given."""
+    if t.layout != torch.strided:
+        raise ValueError(f"{op}: {where} is {t.layout}; sparse tensors are not supported")
+    if t.device != device:
+        raise ValueError(f"{op}: {where} is on {t.device} but {lead}[0] is on {device}; "
+                         "all tensors of one call must be on one device")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {where} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {where} must be {dtype_name(dtype)}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {where} is not contiguous; fused kernels need contiguous "
+                         "tensors (call .contiguous() on it, or use backend 'torch')")
+
+
 def check_tensor_lists(
     op: str,
-    lists: Dict[str, Sequence[torch.Tensor]],
+    lists: Mapping[str, Sequence[torch.Tensor]],
     *,
     param_key: str = "params",
     same_dtype: Sequence[str] = (),
     state_keys: Sequence[str] = (),
-) -> None:
-    """Validate parallel tensor lists for a multi-tensor op.
+    param_dtypes: Sequence[torch.dtype] = PARAM_DTYPES,
+    state_dtype: Callable[[torch.dtype], torch.dtype] = lambda dtype: STATE_DTYPE,
+    shapes: Optional[Mapping[str, Callable[[Tuple[int, ...]], Tuple[int, ...]]]] = None,
+    one_dtype: bool = True,
+) -> Dict[str, List[torch.Tensor]]:
+    """Validate parallel tensor lists for a multi-tensor op; returns them as lists.
 
-    All lists must have ``len(lists[param_key])`` tensors on one device, each
-    contiguous, dense, with the shape of the matching param. Lists in ``same_dtype``
-    must have the param's dtype (fp32, bf16 or fp16, one dtype per call); lists in
-    ``state_keys`` must be float32.
+    All lists must have ``len(lists[param_key])`` tensors, all on one device, strided
+    and contiguous. The params share one dtype out of ``param_dtypes`` (with
+    ``one_dtype=False`` each has one of them, e.g. gradients grouped by dtype); lists in
+    ``same_dtype`` have it too, lists in ``state_keys`` have ``state_dtype(it)``
+    (float32 by default). Tensor ``i`` of list ``name`` has the shape
+    ``shapes[name](params[i].shape)`` (the param's own shape for lists not in
+    ``shapes``).
     """
-    params = lists[param_key]
-    for name, tensors in lists.items():
-        if not isinstance(tensors, (list, tuple)):
-            raise TypeError(f"{op}: {name} must be a list of tensors, got {type(tensors).__name__}")
-        for i, t in enumerate(tensors):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if len(tensors) != len(params):
-            raise ValueError(
-                f"{op}: {name} has {len(tensors)} tensors but {param_key} has {len(params)}")
+    out = {name: check_list(op, name, ts) for name, ts in lists.items()}
+    params = out[param_key]
+    for name, ts in out.items():
+        if len(ts) != len(params):
+            raise ValueError(f"{op}: {name} has {len(ts)} tensors but {param_key} has "
+                             f"{len(params)}")
     if not params:
-        return
-    device = params[0].device
-    dtype = params[0].dtype
-    if dtype not in PARAM_DTYPES:
-        raise TypeError(f"{op}: {param_key} must be float32, bfloat16 or float16, got {dtype}")
-    for name, tensors in lists.items():
-        for i, t in enumerate(tensors):
-            where = f"{op}: {name}[{i}]"
-            if t.layout != torch.strided:
-                raise ValueError(f"{where} is {t.layout}; sparse tensors are not supported")
-            if t.device != device:
-                raise ValueError(
-                    f"{where} is on {t.device} but {param_key}[0] is on {device}; "
-                    "all tensors of one call must be on one device")
-            if t.shape != params[i].shape:
-                raise ValueError(
-                    f"{where} has shape {tuple(t.shape)}, expected {tuple(params[i].shape)}")
-            if not t.is_contiguous():
-                raise ValueError(
-                    f"{where} is not contiguous; fused kernels need contiguous tensors "
-                    "(call .contiguous() on the parameter, or use backend 'torch')")
-            if name in same_dtype and t.dtype != dtype:
-                raise TypeError(
-                    f"{where} has dtype {t.dtype} but {param_key}[0] has {dtype}; "
-                    "one call takes one parameter dtype (split groups by dtype)")
-            if name in state_keys and t.dtype != STATE_DTYPE:
-                raise TypeError(f"{where} must be float32 (optimizer state), got {t.dtype}")
+        return out
+    device, dtype = params[0].device, params[0].dtype
+    for i, p in enumerate(params if not one_dtype else params[:1]):
+        if p.dtype not in param_dtypes:
+            names = [dtype_name(d) for d in param_dtypes]
+            where = param_key if one_dtype else f"{param_key}[{i}]"
+            raise TypeError(f"{op}: {where} must be {', '.join(names[:-1])} or {names[-1]}, "
+                            f"got {p.dtype}")
+    sdt = state_dtype(dtype)
+    shapes = shapes or {}
+    for name, ts in out.items():
+        shape_of = shapes.get(name)
+        for i, t in enumerate(ts):
+            where = f"{name}[{i}]"
+            if ((name == param_key and one_dtype) or name in same_dtype) and t.dtype != dtype:
+                raise TypeError(f"{op}: {where} has dtype {t.dtype} but {param_key}[0] has "
+                                f"{dtype}; one call takes one parameter dtype (split groups "
+                                "by dtype)")
+            pshape = tuple(params[i].shape)
+            check_tensor(op, where, t, device,
+                         shape=shape_of(pshape) if shape_of else pshape,
+                         dtype=sdt if name in state_keys else None, lead=param_key)
+    return out
 
 
 def check_steps(op: str, steps: Sequence[torch.Tensor], n: int, device: torch.device) -> None:

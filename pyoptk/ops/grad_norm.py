@@ -201,7 +201,7 @@ def grad_norm(parameters: Union[Tensor, Iterable[Tensor]], norm_type: float = 2.
     grads = _collect_grads(op, parameters)
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    check_tensor_lists(op, {"grads": grads}, param_key="grads")
+    check_tensor_lists(op, {"grads": grads}, param_key="grads", one_dtype=False)
     return _combine([_norm(g, norm_type) for g in _by_dtype(grads)], norm_type)
 
 
@@ -224,7 +224,7 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     grads = _collect_grads(op, parameters)
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    check_tensor_lists(op, {"grads": grads}, param_key="grads")
+    check_tensor_lists(op, {"grads": grads}, param_key="grads", one_dtype=False)
     groups = _by_dtype(grads)
     if len(groups) == 1 and not error_if_nonfinite:
         return call_op(torch.ops.pyoptk.clip_grad_norm_, _clip_dispatch, (grads,), (grads,),

@@ -44,6 +44,7 @@ from pyoptk._backend import implementation, register_backend, warn_once
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
+from pyoptk.ops._validation import check_tensor_lists
 
 __all__ = [
     "inner_sgd", "inner_metasgd", "inner_adam",
@@ -747,25 +748,12 @@ _inner_adam_backward_op.register_autograd(_adam_bwd_backward, setup_context=_ada
 # ----------------------------------------------------------------------------------
 # Public functions.
 # ----------------------------------------------------------------------------------
-def _check_lists(op: str, lists, *, same_dtype=(), state_keys=(), lead: str = "params"):
-    """Parallel tensor lists: one device, contiguous, strided, shapes of ``lead``;
-    ``same_dtype`` lists in the params' dtype, ``state_keys`` lists in the compute
-    dtype (float32, or float64 for float64 params)."""
-    out = {}
-    for name, ts in lists.items():
-        if isinstance(ts, Tensor) or not isinstance(ts, (list, tuple)):
-            raise TypeError(f"{op}: {name} must be a list of tensors, got {type(ts).__name__}")
-        for i, t in enumerate(ts):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got "
-                                f"{type(t).__name__}")
-        out[name] = list(ts)
-    params = out[lead]
-    for name, ts in out.items():
-        if len(ts) != len(params):
-            raise ValueError(f"{op}: {name} has {len(ts)} tensors but {lead} has {len(params)}")
-    if not params:
-        return out
+def _check_lists(op: str, lists, *, same_dtype=(), state_keys=()):
+    """Parallel tensor lists (:func:`~pyoptk.ops._validation.check_tensor_lists`) with
+    float64 params allowed and state in the compute dtype (float32, float64 for
+    float64 params)."""
+    return check_tensor_lists(op, lists, same_dtype=same_dtype, state_keys=state_keys,
+                              param_dtypes=_DTYPES, state_dtype=compute_dtype)
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _DTYPES:
         raise TypeError(f"{op}: {lead} must be float32, float64, bfloat16 or float16, got "

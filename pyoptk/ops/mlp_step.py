@@ -57,10 +57,10 @@ from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
 from pyoptk.ops._eager import _direct_ok
+from pyoptk.ops._validation import check_list, check_tensor
 from pyoptk.ops.mlp_update import (
-    MLPUpdateHyper, _check_list, _check_tensor, _hyper, _run_backend, check_step_lists,
-    is_factored, matrix_shape, mlp_update_functional, mlp_update_one, native_mlp_config,
-    rule_op_args)
+    MLPUpdateHyper, _hyper, _run_backend, check_step_lists, is_factored, matrix_shape,
+    mlp_update_functional, mlp_update_one, native_mlp_config, rule_op_args)
 
 OP = "mlp_step"
 BACKWARD_OP = "mlp_step_backward"
@@ -615,7 +615,7 @@ def mlp_step(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[T
         (torch.float32, torch.bfloat16, torch.float16, _F64),
         lambda dtype: _F64 if dtype == _F64 else torch.float32)
     n = len(params)
-    steps = _check_list(op, "steps", steps, n)
+    steps = check_list(op, "steps", steps, n)
     if not n:
         return [], [], [], [], [], []
     device = params[0].device
@@ -624,7 +624,7 @@ def mlp_step(params: Sequence[Tensor], grads: Sequence[Tensor], moms: Sequence[T
         if s.numel() != 1 or s.dtype != sdt:
             raise TypeError(f"{op}: steps[{i}] must be a {sdt} tensor with one element, got "
                             f"{s.dtype} with {s.numel()} elements")
-        _check_tensor(op, f"steps[{i}]", s, None, None, device)
+        check_tensor(op, f"steps[{i}]", s, device)
     lr_t = hp.lr_t
     if lr_t is not None:
         if not isinstance(lr_t, Tensor) or lr_t.numel() != 1 or lr_t.dtype != sdt:

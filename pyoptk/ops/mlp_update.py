@@ -55,7 +55,8 @@ from pyoptk._backend import (implementation_for, register_backend, resolve_backe
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
-from pyoptk.ops._validation import PARAM_DTYPES, STATE_DTYPE, check_lr, check_steps
+from pyoptk.ops._validation import (PARAM_DTYPES, STATE_DTYPE, check_lr, check_steps,
+                                    check_tensor, check_tensor_lists, dtype_name)
 
 OP = "mlp_update_"
 #: Added to ``r/vbar`` under the rsqrt of the row/column factor features (2^-7: exact in
@@ -531,33 +532,6 @@ def _(params, grads, moms, rmss, fac_rows, fac_cols, steps, weights, decays, n_m
 # ----------------------------------------------------------------------------------
 # Public function.
 # ----------------------------------------------------------------------------------
-def _check_list(op: str, name: str, tensors, n: int) -> List[Tensor]:
-    if not isinstance(tensors, (list, tuple)):
-        raise TypeError(f"{op}: {name} must be a list of tensors, got {type(tensors).__name__}")
-    tensors = list(tensors)
-    for i, t in enumerate(tensors):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-    if len(tensors) != n:
-        raise ValueError(f"{op}: {name} has {len(tensors)} tensors but params has {n}")
-    return tensors
-
-
-def _check_tensor(op: str, where: str, t: Tensor, shape, dtype, device) -> None:
-    if t.layout != torch.strided:
-        raise ValueError(f"{op}: {where} is {t.layout}; sparse tensors are not supported")
-    if t.device != device:
-        raise ValueError(f"{op}: {where} is on {t.device} but params[0] is on {device}; "
-                         "all tensors of one call must be on one device")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {where} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op}: {where} must be {dtype}, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {where} is not contiguous; fused kernels need contiguous "
-                         "tensors (call .contiguous())")
-
-
 def check_weights(op: str, weights: Sequence[Tensor], n_features: int,
                   device: Optional[torch.device] = None,
                   dtype: Optional[torch.dtype] = STATE_DTYPE) -> None:
@@ -622,46 +596,26 @@ def check_step_lists(op: str, params, grads, moms, rmss, fac_rows, fac_cols, wei
     one param dtype out of ``param_dtypes``, and every tensor's device, shape, dtype and
     contiguity (state, weights and decays of ``state_dtype(param_dtype)``). Returns the
     lists as lists; ``steps`` and the lr are checked by each caller."""
-    if not isinstance(params, (list, tuple)):
-        raise TypeError(f"{op}: params must be a list of tensors, got {type(params).__name__}")
-    params = _check_list(op, "params", params, len(params))
-    n = len(params)
-    lists = [params] + [_check_list(op, name, lst, n) for name, lst in (
-        ("grads", grads), ("moms", moms), ("rmss", rmss), ("fac_rows", fac_rows),
-        ("fac_cols", fac_cols))]
     check_hyper(op, hp)
-    if not n:
-        return tuple(lists)
-    grads, moms, rmss, fac_rows, fac_cols = lists[1:]
-    device, dtype = params[0].device, params[0].dtype
-    if dtype not in param_dtypes:
-        names = [_dtype_name(d) for d in param_dtypes]
-        raise TypeError(f"{op}: params must be {', '.join(names[:-1])} or {names[-1]}, "
-                        f"got {dtype}")
-    sdt = state_dtype(dtype)
     K, R, F = hp.n_mom, hp.n_rms, hp.n_fac
-    for i, p in enumerate(params):
-        shape = tuple(p.shape)
-        if p.dtype != dtype:
-            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}; "
-                            "one call takes one parameter dtype (split groups by dtype)")
-        _check_tensor(op, f"params[{i}]", p, None, None, device)
-        _check_tensor(op, f"grads[{i}]", grads[i], shape, dtype, device)
-        _check_tensor(op, f"moms[{i}]", moms[i], (K,) + shape, sdt, device)
-        _check_tensor(op, f"rmss[{i}]", rmss[i], (R,) + shape, sdt, device)
-        fr_shape, fc_shape = factored_state_shapes(shape, F)
-        _check_tensor(op, f"fac_rows[{i}]", fac_rows[i], fr_shape, sdt, device)
-        _check_tensor(op, f"fac_cols[{i}]", fac_cols[i], fc_shape, sdt, device)
+    names = ("params", "grads", "moms", "rmss", "fac_rows", "fac_cols")
+    lists = check_tensor_lists(
+        op, dict(zip(names, (params, grads, moms, rmss, fac_rows, fac_cols))),
+        same_dtype=("grads",), state_keys=names[2:], param_dtypes=param_dtypes,
+        state_dtype=state_dtype,
+        shapes={"moms": lambda s: (K,) + s, "rmss": lambda s: (R,) + s,
+                "fac_rows": lambda s: factored_state_shapes(s, F)[0],
+                "fac_cols": lambda s: factored_state_shapes(s, F)[1]})
+    out = tuple(lists[n] for n in names)
+    if not out[0]:
+        return out
+    device, sdt = out[0][0].device, state_dtype(out[0][0].dtype)
     check_weights(op, weights, hp.n_features, device, dtype=sdt)
     if not isinstance(decays, Tensor):
-        raise TypeError(f"{op}: decays must be a {_dtype_name(sdt)} tensor, got "
+        raise TypeError(f"{op}: decays must be a {dtype_name(sdt)} tensor, got "
                         f"{type(decays).__name__}")
-    _check_tensor(op, "decays", decays, (K + R + F,), sdt, device)
-    return tuple(lists)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    check_tensor(op, "decays", decays, device, shape=(K + R + F,), dtype=sdt)
+    return out
 
 
 def rule_op_args(hp: MLPUpdateHyper) -> tuple:
