@@ -27,7 +27,7 @@ $(VENV)/.deps: $(VENV)/.torch Makefile
 
 # The editable install maps the packages it saw when installed: a new subpackage
 # (pyoptk/<pkg>/__init__.py) needs a reinstall too.
-$(STAMP): $(VENV)/.deps pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*/*.h csrc/include/*/*.cuh) $(wildcard pyoptk/*/__init__.py pyoptk/*/*/__init__.py)
+$(STAMP): $(VENV)/.deps pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/*/*.h csrc/include/*/*.cuh) $(wildcard pyoptk/*/__init__.py pyoptk/*/*/__init__.py)
 	$(PIP) install --no-build-isolation --no-deps -e . \
 	    -Cbuild-dir=build/editable
 	touch $@

@@ -107,24 +107,15 @@ void launch_adamw(const PtrList& params, const PtrList& grads, const PtrList& ex
   constexpr auto kernel = adamw_kernel<T, AMSGRAD, MAXIMIZE>;
   for (const auto& table : plan_tables(numels, kAdamWMaxTensors)) {
     AdamWArgs args;  // ~31 KB, lives on the host stack only for the launch
-    args.ntensors = static_cast<int32_t>(table.size());
     args.hp = hp;
-    int64_t chunks = 0;
-    for (size_t k = 0; k < table.size(); ++k) {
-      const size_t i = static_cast<size_t>(table[k].index);
+    const int64_t chunks = fill_chunk_table(args, table, [&](size_t k, size_t i) {
       args.p[k] = reinterpret_cast<void*>(params[i]);
       args.g[k] = reinterpret_cast<const void*>(grads[i]);
       args.m[k] = reinterpret_cast<float*>(exp_avgs[i]);
       args.v[k] = reinterpret_cast<float*>(exp_avg_sqs[i]);
       args.vmax[k] = AMSGRAD ? reinterpret_cast<float*>(max_exp_avg_sqs[i]) : nullptr;
       args.step[k] = reinterpret_cast<const float*>(steps[i]);
-      args.numel[k] = table[k].numel;
-      args.chunk_start[k] = static_cast<int32_t>(chunks);
-      chunks += num_chunks(table[k].numel);
-      check_chunk_count(chunks);
-    }
-    args.chunk_start[table.size()] = static_cast<int32_t>(chunks);
-    args.nchunks = static_cast<int32_t>(chunks);
+    });
     const int grid = persistent_grid<kernel>(device, chunks);
     kernel<<<grid, kThreads, 0, stream>>>(args);
     PYOPTK_CUDA_CHECK_LAUNCH("adamw_kernel");
@@ -138,8 +129,7 @@ void adamw_cuda(const PtrList& params, const PtrList& grads, const PtrList& exp_
                 const PtrList& exp_avg_sqs, const PtrList& max_exp_avg_sqs,
                 const PtrList& steps, const SizeList& numels, int dtype,
                 const AdamWConfig& cfg, uintptr_t stream) {
-  size_t first = 0;
-  while (first < numels.size() && numels[first] == 0) ++first;
+  const size_t first = cuda::first_nonempty(numels);
   if (first == numels.size()) return;  // nothing to do (empty lists, zero-numel tensors)
   cuda::DeviceGuard guard(params[first]);
   const AdamWParams hp = cfg.params();

@@ -142,6 +142,35 @@ inline void check_chunk_count(int64_t chunks) {
   }
 }
 
+// Fills the chunk layout of one table in a kernel argument block (`ntensors`, `numel`,
+// `chunk_start` with its end sentinel, `nchunks`), calling `set_ptrs(k, i)` to store
+// the pointers of the call's tensor i in table slot k. Returns the table's chunk count.
+template <typename Args, typename SetPtrs>
+inline int64_t fill_chunk_table(Args& args, const std::vector<TableEntry>& table,
+                                SetPtrs&& set_ptrs) {
+  args.ntensors = static_cast<int32_t>(table.size());
+  int64_t chunks = 0;
+  for (size_t k = 0; k < table.size(); ++k) {
+    set_ptrs(k, static_cast<size_t>(table[k].index));
+    args.numel[k] = table[k].numel;
+    args.chunk_start[k] = static_cast<int32_t>(chunks);
+    chunks += num_chunks(table[k].numel);
+    check_chunk_count(chunks);
+  }
+  args.chunk_start[table.size()] = static_cast<int32_t>(chunks);
+  args.nchunks = static_cast<int32_t>(chunks);
+  return chunks;
+}
+
+// Index of the first tensor with elements (numels.size() when none has any): the one
+// whose device the launches make current.
+template <typename Sizes>
+inline size_t first_nonempty(const Sizes& numels) {
+  size_t first = 0;
+  while (first < numels.size() && numels[first] == 0) ++first;
+  return first;
+}
+
 // Binary search: the table slot t with chunk_start[t] <= c < chunk_start[t + 1].
 __device__ __forceinline__ int find_slot(const int32_t* chunk_start, int n, int32_t c) {
   int lo = 0, hi = n - 1;

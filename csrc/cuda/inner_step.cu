@@ -149,7 +149,6 @@ void launch(const std::vector<const InnerPtrList*>& ins, const std::vector<const
   // first chunk is the running count over the previous tables.
   for (const auto& table : plan_tables(numels, kInnerMaxTensors)) {
     InnerArgs args{};
-    args.ntensors = static_cast<int32_t>(table.size());
     args.chunk_base = chunk_base;
     args.partials = reinterpret_cast<void*>(partials);
     args.lr_ptr = reinterpret_cast<const void*>(cfg.lr_ptr);
@@ -158,20 +157,12 @@ void launch(const std::vector<const InnerPtrList*>& ins, const std::vector<const
     args.beta2 = cfg.beta2;
     args.eps = cfg.eps;
     args.step = cfg.step;
-    int64_t chunks = 0;
-    for (size_t k = 0; k < table.size(); ++k) {
-      const size_t i = static_cast<size_t>(table[k].index);
+    const int64_t chunks = fill_chunk_table(args, table, [&](size_t k, size_t i) {
       for (size_t r = 0; r < ins.size(); ++r) {  // an empty list: absent (zero cotangent)
         args.in[r][k] = ins[r]->empty() ? nullptr : reinterpret_cast<const void*>((*ins[r])[i]);
       }
       for (size_t r = 0; r < outs.size(); ++r) args.out[r][k] = reinterpret_cast<void*>((*outs[r])[i]);
-      args.numel[k] = table[k].numel;
-      args.chunk_start[k] = static_cast<int32_t>(chunks);
-      chunks += num_chunks(table[k].numel);
-      check_chunk_count(chunks);
-    }
-    args.chunk_start[table.size()] = static_cast<int32_t>(chunks);
-    args.nchunks = static_cast<int32_t>(chunks);
+    });
     const int grid = persistent_grid<kernel>(device, chunks);
     kernel<<<grid, kThreads, 0, stream>>>(args);
     PYOPTK_CUDA_CHECK_LAUNCH(BACKWARD ? "inner_backward_kernel" : "inner_forward_kernel");
@@ -184,8 +175,7 @@ template <Kind K, bool BACKWARD>
 void run(const std::vector<const InnerPtrList*>& ins, const std::vector<const InnerPtrList*>& outs,
          const InnerSizeList& numels, bool f64, const InnerStepConfig& cfg, uintptr_t partials,
          uintptr_t stream) {
-  size_t first = 0;
-  while (first < numels.size() && numels[first] == 0) ++first;
+  const size_t first = first_nonempty(numels);
   if (first == numels.size()) return;
   DeviceGuard guard((*ins[0])[first]);
   if (f64) {

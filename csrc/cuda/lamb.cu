@@ -180,21 +180,13 @@ __global__ void __launch_bounds__(kThreads) lamb_pass2_kernel(const __grid_const
 void fill_table(LambArgs& args, const std::vector<TableEntry>& table, const PtrList& params,
                 const PtrList& grads, const PtrList& exp_avgs, const PtrList& exp_avg_sqs,
                 const PtrList& steps) {
-  args.ntensors = static_cast<int32_t>(table.size());
-  int64_t chunks = 0;
-  for (size_t k = 0; k < table.size(); ++k) {
-    const size_t i = static_cast<size_t>(table[k].index);
+  fill_chunk_table(args, table, [&](size_t k, size_t i) {
     args.p[k] = reinterpret_cast<void*>(params[i]);
     args.g[k] = reinterpret_cast<const void*>(grads[i]);
     args.m[k] = reinterpret_cast<float*>(exp_avgs[i]);
     args.v[k] = reinterpret_cast<float*>(exp_avg_sqs[i]);
     args.step[k] = reinterpret_cast<const float*>(steps[i]);
-    args.numel[k] = table[k].numel;
-    args.chunk_start[k] = static_cast<int32_t>(chunks);
-    chunks += num_chunks(table[k].numel);
-  }
-  args.chunk_start[table.size()] = static_cast<int32_t>(chunks);
-  args.nchunks = static_cast<int32_t>(chunks);
+  });
 }
 
 template <typename T, bool MAXIMIZE>
@@ -255,8 +247,7 @@ void launch_lamb(const PtrList& params, const PtrList& grads, const PtrList& exp
 void lamb_cuda(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
                const PtrList& exp_avg_sqs, const PtrList& steps, const SizeList& numels,
                int dtype, const LambConfig& cfg, uintptr_t workspace_ptr, uintptr_t stream) {
-  size_t first = 0;
-  while (first < numels.size() && numels[first] == 0) ++first;
+  const size_t first = cuda::first_nonempty(numels);
   if (first == numels.size()) return;
   cuda::DeviceGuard guard(params[first]);
   const LambParams hp = cfg.params();
