@@ -41,11 +41,40 @@ FIRST_CHUNK = tl.constexpr(1)
 CHUNK_LEN = tl.constexpr(2)
 ROLE0 = tl.constexpr(3)
 
-# Tables are tiny (16 bytes per chunk); a handful of parameter groups per process is
-# the common case. Least recently used entries are dropped beyond this.
-_CACHE_SIZE = 64
-_cache: "collections.OrderedDict[tuple, Table]" = collections.OrderedDict()
-_lock = threading.Lock()
+class LRUCache:
+    """A thread-safe map from a key to a value built on the first miss, dropping the
+    least recently used entries beyond ``size``: the launch tables (and other small
+    device tensors) of every kernel family, so a steady-state step builds and copies
+    nothing. Tables are tiny; a handful of parameter groups per process is the common
+    case."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._entries: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, build):
+        """The value cached for ``key``, else ``build()`` (run outside the lock: it
+        copies to the device), cached unless it is None."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit
+        value = build()
+        if value is not None:
+            with self._lock:
+                self._entries[key] = value
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_tables = LRUCache()
 
 
 class Table(NamedTuple):
@@ -128,20 +157,14 @@ def chunk_table(roles: Sequence[Role], chunk_len: Union[int, Sequence[int]]) -> 
     # Offsets are in elements, so the key holds each role's dtype besides the pointers.
     dtypes = tuple(ts[0].dtype for _, ts, _ in roles)
     key = (device, lens, numels, dtypes, ptrs)
-    with _lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    base = next((i for i, k in enumerate(numels) if k > 0), None)
-    if base is None:
-        return None
-    table = _build(roles, ptrs, numels, lens if len(lens) == n else lens * n, base, device)
-    with _lock:
-        _cache[key] = table
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return table
+
+    def build() -> Optional[Table]:
+        base = next((i for i, k in enumerate(numels) if k > 0), None)
+        if base is None:
+            return None
+        return _build(roles, ptrs, numels, lens if len(lens) == n else lens * n, base, device)
+
+    return _tables.get(key, build)
 
 
 def _build(roles, ptrs, numels, lens, base, device) -> Table:
@@ -190,5 +213,4 @@ def _build(roles, ptrs, numels, lens, base, device) -> Table:
 
 def clear_cache() -> None:
     """Drop every cached table (tests; freeing device memory)."""
-    with _lock:
-        _cache.clear()
+    _tables.clear()

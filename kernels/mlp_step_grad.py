@@ -54,7 +54,6 @@ with 128-wide layers): untuned.
 
 from __future__ import annotations
 
-import collections
 import math
 import threading
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -64,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ._math import load_lr
-from ._multi_tensor import check_device, device_guard, split_f64
+from ._multi_tensor import LRUCache, check_device, device_guard, split_f64
 from .mlp_update import (
     I_COLP, I_COLS, I_COUNT, I_FAC, I_FC, I_FIRST, I_FR, I_G, I_M, I_NCT, I_NRT, I_NUMEL, I_P,
     I_ROWP, I_ROWS, I_STEP, I_V, N_INFO, NUM_WARPS, PRECISIONS, RBLOCK, _build_table, _dot,
@@ -729,10 +728,9 @@ class _Table(NamedTuple):
     bases: Tuple[int, ...]  # base tensor index of each pointer role
 
 
-_CACHE_SIZE = 64
-_cache: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
+_tables = LRUCache()
 _zeros: dict = {}
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _zeros
 
 
 def _prefix(sizes: Sequence[int]) -> List[int]:
@@ -803,17 +801,7 @@ def _table(roles, dims, tr, tc) -> _Table:
     ptrs = tuple(tuple(t.data_ptr() for t in ts) for _, ts in roles)
     dtypes = tuple(ts[0].dtype for _, ts in roles)
     key = (device, shapes, dtypes, ptrs, dims, tr, tc, MAX_SLOTS)
-    with _lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    table = _build(roles, shapes, dims, tr, tc, device)
-    with _lock:
-        _cache[key] = table
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return table
+    return _tables.get(key, lambda: _build(roles, shapes, dims, tr, tc, device))
 
 
 def _zero_like(t: torch.Tensor) -> torch.Tensor:
@@ -829,8 +817,8 @@ def _zero_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def clear_cache() -> None:
+    _tables.clear()
     with _lock:
-        _cache.clear()
         _zeros.clear()
 
 

@@ -35,10 +35,8 @@ before touching any tensor, so the op layer can fall back to the reference.
 
 from __future__ import annotations
 
-import collections
 import math
 import struct
-import threading
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -46,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._math import load_lr
-from ._multi_tensor import INTERPRETED, check_device, device_guard, split_f64
+from ._multi_tensor import INTERPRETED, LRUCache, check_device, device_guard, split_f64
 
 __all__ = ["mlp_update_", "check_supported", "default_precision", "PRECISIONS",
            "TILE_ROWS", "TILE_COLS"]
@@ -449,10 +447,8 @@ class _Table(NamedTuple):
     bases: Tuple[int, ...]  # base tensor index of each role
 
 
-_CACHE_SIZE = 64
-_cache: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
-_ts_cache: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
-_lock = threading.Lock()
+_tables = LRUCache()
+_timescale_tensors = LRUCache()
 
 
 def _build_table(roles, shapes, tr, tc, ns, fs, device) -> _Table:
@@ -525,39 +521,19 @@ def _table(roles, tr, tc, ns, fs) -> _Table:
     ptrs = tuple(tuple(t.data_ptr() for t in ts) for _, ts in roles)
     dtypes = tuple(ts[0].dtype for _, ts in roles)
     key = (device, shapes, dtypes, ptrs, tr, tc, ns, fs)
-    with _lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    table = _build_table(roles, shapes, tr, tc, ns, fs, device)
-    with _lock:
-        _cache[key] = table
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return table
+    return _tables.get(key, lambda: _build_table(roles, shapes, tr, tc, ns, fs, device))
 
 
 def _timescales(ts: Tuple[float, ...], device) -> torch.Tensor:
-    key = (ts, device)
-    with _lock:
-        hit = _ts_cache.get(key)
-        if hit is not None:
-            return hit
     # fp32 like the reference's torch.tensor(hp.timescales, dtype=float32); at least one
     # element so the pointer is valid when T = 0.
-    out = torch.tensor(ts or (1.0,), dtype=torch.float32).to(device)
-    with _lock:
-        _ts_cache[key] = out
-        while len(_ts_cache) > _CACHE_SIZE:
-            _ts_cache.popitem(last=False)
-    return out
+    return _timescale_tensors.get(
+        (ts, device), lambda: torch.tensor(ts or (1.0,), dtype=torch.float32).to(device))
 
 
 def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
-        _ts_cache.clear()
+    _tables.clear()
+    _timescale_tensors.clear()
 
 
 def _f32(x: float) -> float:
