@@ -66,9 +66,9 @@ from ._math import load_lr
 from ._multi_tensor import LRUCache, check_device, device_guard, split_f64
 from .mlp_update import (
     I_COLP, I_COLS, I_COUNT, I_FAC, I_FC, I_FIRST, I_FR, I_G, I_M, I_NCT, I_NRT, I_NUMEL, I_P,
-    I_ROWP, I_ROWS, I_STEP, I_V, N_INFO, NUM_WARPS, PRECISIONS, RBLOCK, _build_table, _dot,
-    _ema, _f32, _mlp_finalize_kernel, _mlp_stats_kernel, _pow2, _put, _tanh64, _tile_setup,
-    _timescales, default_precision)
+    I_ROWP, I_ROWS, I_STEP, I_V, N_INFO, NUM_WARPS, RBLOCK, _build_table, _dot, _ema, _f32,
+    _mlp_finalize_kernel, _mlp_stats_kernel, _pow2, _put, _tanh64, _tile_setup, _timescales,
+    launch_options)
 from .mlp_update import check_supported as _check_forward_supported
 
 __all__ = ["mlp_step_backward", "check_supported", "TILE_ROWS", "TILE_COLS", "MAX_SLOTS"]
@@ -856,14 +856,7 @@ def mlp_step_backward(inputs: Sequence[Sequence[torch.Tensor]],
             None if hp.lr_t is None else torch.zeros_like(hp.lr_t)
     device = params[0].device
     check_device(device, "mlp_step_backward")
-    precision = precision or default_precision(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"pyoptk.kernels.mlp_step_backward: precision must be one of "
-                         f"{PRECISIONS}, got {precision!r}")
-    tr, tc = int(tile[0]), int(tile[1])
-    if tr != _pow2(tr) or tc != _pow2(tc) or tr * tc < 16:
-        raise ValueError(f"pyoptk.kernels.mlp_step_backward: tile must be powers of two "
-                         f"with rows*cols >= 16, got {tile}")
+    precision, tr, tc = launch_options("mlp_step_backward", device, precision, tile)
     pdtype = params[0].dtype
     # Cotangents: None -> a cached zero view; the param's in its dtype, the state's fp32.
     cts = []

@@ -552,6 +552,22 @@ def default_precision(device: torch.device) -> str:
     return "ieee" if (INTERPRETED or device.type != "cuda") else "tf32"
 
 
+def launch_options(op: str, device: torch.device, precision: Optional[str],
+                   tile: Tuple[int, int]) -> Tuple[str, int, int]:
+    """``(precision, tile_rows, tile_cols)`` of a call of ``op`` (this kernel or the
+    backward that reuses it): ``precision`` defaulted and checked against
+    ``PRECISIONS``, ``tile`` checked to be powers of two with rows·cols >= 16."""
+    precision = precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"pyoptk.kernels.{op}: precision must be one of {PRECISIONS}, "
+                         f"got {precision!r}")
+    tr, tc = int(tile[0]), int(tile[1])
+    if tr != _pow2(tr) or tc != _pow2(tc) or tr * tc < 16:
+        raise ValueError(f"pyoptk.kernels.{op}: tile must be powers of two with "
+                         f"rows*cols >= 16, got {tile}")
+    return precision, tr, tc
+
+
 def check_supported(weights: Sequence[torch.Tensor], hp, dtype: Optional[torch.dtype] = None
                     ) -> None:
     """Raise ``NotImplementedError`` naming the field when this kernel cannot run the
@@ -599,14 +615,7 @@ def mlp_update_(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.T
     check_supported(weights, hp, params[0].dtype)
     device = params[0].device
     check_device(device, "mlp_update_")
-    precision = precision or default_precision(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"pyoptk.kernels.mlp_update_: precision must be one of {PRECISIONS}, "
-                         f"got {precision!r}")
-    tr, tc = int(tile[0]), int(tile[1])
-    if tr != _pow2(tr) or tc != _pow2(tc) or tr * tc < 16:
-        raise ValueError(f"pyoptk.kernels.mlp_update_: tile must be powers of two with "
-                         f"rows*cols >= 16, got {tile}")
+    precision, tr, tc = launch_options("mlp_update_", device, precision, tile)
     if any(g is None for g in grads):
         keep = [i for i, g in enumerate(grads) if g is not None]
         if not keep:
