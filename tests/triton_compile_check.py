@@ -178,8 +178,7 @@ def _jit_functions() -> dict:
     for info in pkgutil.iter_modules(kernels.__path__):
         mod = importlib.import_module(f"pyoptk.kernels.{info.name}")
         for attr, obj in vars(mod).items():
-            while not isinstance(obj, JITFunction) and isinstance(getattr(obj, "fn", None),
-                                                                  object) and hasattr(obj, "fn"):
+            while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
                 obj = obj.fn
             if (isinstance(obj, JITFunction) and attr.endswith("_kernel")
                     and not attr.startswith("_probe")):  # (_multi_tensor's import probe)
@@ -190,14 +189,11 @@ def _jit_functions() -> dict:
 def main(archs) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     JITFunction.run = _compile_only
-    from pyoptk import _backend
-
     defined = sorted(_jit_functions())  # imports every kernel module while uninterpreted
 
     # The op layer lets Triton take CPU tensors only when it believes it is interpreted;
     # the kernels were decorated above with the variable unset, so they compile.
     os.environ["TRITON_INTERPRET"] = "1"
-    _backend._triton_import_error.cache_clear()
     for arch in archs:
         ARCH[0] = arch
         driver.set_active(CompileOnlyDriver(arch))

@@ -70,12 +70,9 @@ def check_tensor_lists(
     ``shapes[name](params[i].shape)`` (the param's own shape for lists not in
     ``shapes``).
     """
-    out = {name: check_list(op, name, ts) for name, ts in lists.items()}
-    params = out[param_key]
-    for name, ts in out.items():
-        if len(ts) != len(params):
-            raise ValueError(f"{op}: {name} has {len(ts)} tensors but {param_key} has "
-                             f"{len(params)}")
+    params = check_list(op, param_key, lists[param_key])
+    out = {name: params if name == param_key else
+           check_list(op, name, ts, len(params), lead=param_key) for name, ts in lists.items()}
     if not params:
         return out
     device, dtype = params[0].device, params[0].dtype
