@@ -14,6 +14,13 @@ initialization) is computed four ways on the same data, timed round-robin in one
   ``functional_call`` + ``torch.autograd.grad(create_graph=True)`` + ``p - lr * g``;
 * ``higher`` — ``higher.innerloop_ctx`` with a differentiable SGD, per task.
 
+One more row, ``higher's query pass alone``, times only the per-task query forward and
+backward from fixed adapted parameters, as ``higher`` (and the task loop, and on CPU
+pyoptk's CNN) computes it with the same PyTorch kernels. No inner-loop implementation
+that runs the query pass this way can be faster than ``higher`` by more than
+``higher / this`` (printed as ``bound``): e.g. with one inner step the CNN's query
+pass is most of ``higher``'s time.
+
 Problems: ``cnn-digits`` — a 2-conv CNN on 5-way 1-shot digits episodes (15 queries per
 class); ``sinusoid-mlp`` — Finn et al.'s 1→40→40→1 ReLU MLP on 10-shot sinusoids.
 Before timing, every candidate's meta-gradient is compared with pyoptk's in float64
@@ -44,8 +51,9 @@ from pyoptk.tasks.sinusoid import SinusoidEpisodes
 
 PYOPTK, PYOPTK_LOOP = "pyoptk MAML", "pyoptk MAML (task loop)"
 AUTOGRAD, HIGHER = "torch.autograd unrolled", "higher"
+QUERY_FLOOR = "higher's query pass alone"
 CSV_EXTRA = ["problem", "inner_steps", "meta_batch", "rel_err", "peak_MB", "peak_method",
-             "mem_ratio", "accuracy", "note"]
+             "mem_ratio", "bound", "accuracy", "note"]
 
 
 def cnn(n_way: int = 5) -> nn.Module:
@@ -108,6 +116,28 @@ def higher_meta_grad(model: nn.Module, loss_fn, batch: Episode, steps: int, lr: 
     return list(torch.autograd.grad(total / sx.shape[0], params))
 
 
+def query_pass(model: nn.Module, loss_fn, batch: Episode, steps: int, lr: float
+               ) -> Callable[[], List[Tensor]]:
+    """The query pass alone, as ``higher`` runs it: per task, the query loss of that
+    task's adapted parameters (computed once, then fixed leaves) and one backward into
+    them. The share of every candidate's time that an inner loop cannot remove unless the
+    query pass itself is batched."""
+    with torch.no_grad():
+        adapted = MAML(model, loss_fn, inner_steps=steps, inner_lr=lr).adapt(
+            batch.support_x, batch.support_y)
+    leaves = {n: t.clone().requires_grad_() for n, t in adapted.items()}
+    T = batch.query_x.shape[0]
+
+    def run() -> List[Tensor]:
+        per_task = zip(*(t.unbind(0) for t in leaves.values()))
+        total = sum(loss_fn(functional_call(model, dict(zip(leaves, ps)), (x,)), y)
+                    for ps, x, y in zip(per_task, batch.query_x.unbind(0),
+                                        batch.query_y.unbind(0)))
+        return list(torch.autograd.grad(total / T, list(leaves.values())))
+
+    return run
+
+
 def pyoptk_meta_grad(maml: MAML, batch: Episode) -> List[Tensor]:
     return list(torch.autograd.grad(maml.meta_loss(batch), list(maml.model.parameters())))
 
@@ -148,6 +178,7 @@ def bench_problem(name: str, steps: int, meta_batch: int, device: torch.device, 
     model = make().to(device)
     batch = batch.to(device)
     fns = candidates(model, loss_fn, batch, steps, lr)
+    fns[QUERY_FLOOR] = query_pass(model, loss_fn, batch, steps, lr)
     times = harness.time_interleaved({k: (lambda f=f: f()) for k, f in fns.items()}, device,
                                      warmup=warmup, reps=reps)
     rows = []
@@ -160,7 +191,7 @@ def bench_problem(name: str, steps: int, meta_batch: int, device: torch.device, 
                      "tensors": len(list(model.parameters())), "inner_steps": steps,
                      "meta_batch": meta_batch, "median_ms": round(t.median, 3),
                      "p20_ms": round(t.p20, 3), "p80_ms": round(t.p80, 3),
-                     "rel_err": f"{errs[k]:.1e}", "peak_MB": round(peak / 2 ** 20, 2),
+                     "rel_err": f"{errs[k]:.1e}" if k in errs else "", "peak_MB": round(peak / 2 ** 20, 2),
                      "peak_method": how, "_peak": peak})
     base = {r["optimizer"]: r for r in rows}[PYOPTK]
     base_ms, base_peak = base["median_ms"], base["_peak"]
@@ -169,6 +200,10 @@ def bench_problem(name: str, steps: int, meta_batch: int, device: torch.device, 
         r["baseline"] = PYOPTK
         r["speedup"] = round(r["median_ms"] / base_ms, 2)
         r["mem_ratio"] = round(peak / base_peak, 2) if base_peak > 0 and peak > 0 else ""
+    if HIGHER in times:
+        floor = {r["optimizer"]: r for r in rows}[QUERY_FLOOR]
+        floor["bound"] = round(times[HIGHER].median / times[QUERY_FLOOR].median, 2)
+        floor["note"] = "bound = higher / this: the most any inner loop can gain over higher"
     return rows
 
 
@@ -234,10 +269,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows += bench_problem(name, steps, args.meta_batch or DEFAULT_META_BATCH[name],
                                   device, args.reps, args.warmup)
     harness.print_table(rows, ["problem", "inner_steps", "meta_batch", "optimizer", "median_ms",
-                               "p20_ms", "p80_ms", "speedup", "peak_MB", "mem_ratio", "rel_err"],
+                               "p20_ms", "p80_ms", "speedup", "peak_MB", "mem_ratio", "rel_err",
+                               "bound"],
                         title="one meta-gradient; speedup = median / pyoptk median, mem_ratio "
                               "= peak / pyoptk peak (above 1: pyoptk better); rel_err: float64 "
-                              "meta-gradient vs pyoptk's")
+                              "meta-gradient vs pyoptk's; bound = higher median / median of "
+                              "higher's query pass alone")
     if args.accuracy:
         acc = accuracy_rows(device, args.accuracy)
         harness.print_table(acc, ["layout", "optimizer", "accuracy", "note"],
