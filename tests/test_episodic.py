@@ -100,10 +100,10 @@ def test_load_init_refuses_unreadable_and_foreign_files(tmp_path):
     from pyoptk.meta.universal_init import load_init
     bad = tmp_path / "init.pt"
     bad.write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read .*init.pt"):
+    with pytest.raises(CheckpointError, match="init.pt: unreadable or corrupted"):
         load_init(str(bad))
     torch.save({"format": "other"}, bad)
-    with pytest.raises(ValueError, match="not a pyoptk meta-initialization file"):
+    with pytest.raises(CheckpointError, match="not a pyoptk meta-initialization file"):
         load_init(str(bad))
     with pytest.raises(FileNotFoundError):
         load_init(str(tmp_path / "missing.pt"))

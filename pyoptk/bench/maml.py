@@ -81,10 +81,10 @@ PROBLEMS = ["cnn-digits", "sinusoid-mlp"]
 DEFAULT_META_BATCH = {"cnn-digits": 8, "sinusoid-mlp": 25}
 
 
-def autograd_meta_grad(model: nn.Module, loss_fn, batch: Episode, steps: int, lr: float
-                       ) -> List[Tensor]:
-    """The plain unrolled reference: per task, functional SGD steps with
-    ``create_graph=True``, mean query loss, ``torch.autograd.grad``."""
+def autograd_meta_loss(model: nn.Module, loss_fn, batch: Episode, steps: int, lr: float
+                       ) -> Tensor:
+    """The plain unrolled reference's meta-loss: per task, functional SGD steps with
+    ``create_graph=True``, then the mean query loss."""
     params = dict(model.named_parameters())
     sx, sy, qx, qy = batch
     total = 0.0
@@ -95,7 +95,14 @@ def autograd_meta_grad(model: nn.Module, loss_fn, batch: Episode, steps: int, lr
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
         total = total + loss_fn(functional_call(model, fast, (qx[t],)), qy[t])
-    return list(torch.autograd.grad(total / sx.shape[0], list(params.values())))
+    return total / sx.shape[0]
+
+
+def autograd_meta_grad(model: nn.Module, loss_fn, batch: Episode, steps: int, lr: float
+                       ) -> List[Tensor]:
+    """:func:`autograd_meta_loss` and ``torch.autograd.grad`` into the parameters."""
+    return list(torch.autograd.grad(autograd_meta_loss(model, loss_fn, batch, steps, lr),
+                                    list(model.parameters())))
 
 
 def higher_meta_grad(model: nn.Module, loss_fn, batch: Episode, steps: int, lr: float

@@ -40,8 +40,8 @@ import torch
 from pyoptk.learned.mlp import MLPConfig, rule_identity
 from pyoptk.meta.config import MetaTrainConfig, resumable
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_save", "save_checkpoint",
-           "find_checkpoint", "load_checkpoint", "check_resumable", "rng_state",
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_save", "load_file",
+           "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_resumable", "rng_state",
            "set_rng_state"]
 
 FORMAT = "pyoptk-meta-checkpoint"
@@ -85,6 +85,25 @@ def atomic_save(path: str, blob: Any, prev: Optional[str] = None) -> str:
     return path
 
 
+def load_file(path: str, fmt: str, what: str, hint: str = "") -> Dict[str, Any]:
+    """The dict saved at ``path`` (``torch.load(weights_only=True)``, on the CPU) whose
+    ``"format"`` entry is ``fmt``; never writes. ``what`` names the expected file ("a
+    pyoptk meta-training checkpoint") in the :class:`CheckpointError` raised when the
+    file is unreadable (truncated, not a pickle; ``hint`` is appended) or of another
+    format. A missing file raises ``FileNotFoundError``."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated zip, bytes that are no pickle, …
+        raise CheckpointError(f"{path}: unreadable or corrupted ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]}); expected {what}{hint}") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        found = blob.get("format") if isinstance(blob, dict) else None
+        raise CheckpointError(f"{path}: not {what} (format {found!r}, expected {fmt!r})")
+    return blob
+
+
 def save_checkpoint(directory: str, contents: Mapping[str, Any]) -> str:
     """Write ``contents`` (the keys listed in the module docstring) as
     ``directory/last.pt`` atomically, keeping the previous one as ``prev.pt``.
@@ -108,19 +127,10 @@ def find_checkpoint(directory: str) -> Optional[str]:
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Read and check a checkpoint file (see the module docstring); never writes."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bytes that are no pickle, …
-        prev = os.path.join(os.path.dirname(path), PREV)
-        hint = (f"; the previous checkpoint {prev} is untouched — move {path} away to "
-                "resume from it" if os.path.basename(path) == LAST and os.path.isfile(prev)
-                else "")
-        raise CheckpointError(f"{path}: unreadable or corrupted checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0]}){hint}"
-                              ) from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a pyoptk meta-training checkpoint (format "
-                              f"{blob.get('format') if isinstance(blob, dict) else None!r})")
+    prev = os.path.join(os.path.dirname(path), PREV)
+    hint = (f"; the previous checkpoint {prev} is untouched — move {path} away to resume "
+            "from it" if os.path.basename(path) == LAST and os.path.isfile(prev) else "")
+    blob = load_file(path, FORMAT, "a pyoptk meta-training checkpoint", hint)
     if blob.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {blob.get('version')!r}, "
                               f"this pyoptk reads version {VERSION}")

@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from pyoptk.meta.checkpoint import CheckpointError, atomic_save, rng_state, set_rng_state
+from pyoptk.meta.checkpoint import (CheckpointError, atomic_save, load_file, rng_state,
+                                    set_rng_state)
 
 __all__ = ["fit_episodic", "EpisodicResult"]
 
@@ -137,14 +138,7 @@ _KEYS = ("state", "iteration", "best", "best_iteration", "bad", "history", "best
 
 def _load(path: str, state: Dict[str, Any]) -> Dict[str, Any]:
     """Read and check an episodic checkpoint; never writes."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bytes that are no pickle, …
-        raise CheckpointError(f"fit_episodic: {path}: unreadable or corrupted checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise CheckpointError(f"fit_episodic: {path}: not an episodic checkpoint (format "
-                              f"{ck.get('format') if isinstance(ck, dict) else None!r})")
+    ck = load_file(path, FORMAT, "an episodic checkpoint (fit_episodic)")
     lacking = [k for k in _KEYS if k not in ck]
     missing = sorted(set(state) - set(ck.get("state", {})))
     if lacking or missing:

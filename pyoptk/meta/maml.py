@@ -43,7 +43,19 @@ changes above): 1.0× → 1.6× the speed of ``higher``, 26.6 → 16.7 MB.
 **Memory.** The exact meta-gradient keeps every inner step's graph: memory grows
 linearly in ``inner_steps`` (activations of ``T`` support forwards and their
 double-backward per step). It saves for backward what a plain per-task unroll saves
-(tested): no inner gradients, no per-task copies of the initialization. A batched
+(tested): no inner gradients, no per-task copies of the initialization. The query pass
+— usually the largest activations (75 query images per task against 5 support images
+on the bench CNN) — is backpropagated inside :meth:`MAML.meta_loss`, right after its
+forward and task by task when it loops over tasks, into the adapted parameters and
+the shared ones (``early_query_backward``, :class:`_QueryLoss`): the outer backward then
+starts from those cotangents, so query activations never coexist with the inner graphs
+(bench CNN, 8 tasks, 1 step: 16.7 → 5.9 MB, same time and meta-gradient). It falls back
+to the plain path when the query outputs are returned, the query data require grad,
+autocast is on (the loss scale must reach the query pass), or the query loss depends on
+a tensor requiring grad outside the model's parameters (found by a walk of the first
+task's query graph; e.g. a ``loss_fn`` with a learned temperature). The meta-loss is
+then differentiable once (``create_graph=True`` in its backward raises; build with
+``early_query_backward=False`` for that). A batched
 backward still forms each step's cotangents for all ``T`` tasks at once (a few
 ``[T, *shape]`` tensors live together), where a per-task unroll forms one task's at a
 time, so a loop over tasks (``batched=False``) or over halves of the meta-batch has a
@@ -139,6 +151,11 @@ class MAML(nn.Module):
             see the module docstring).
         fd_eps (float): the finite-difference step ``r·‖w‖`` (default 1e-4, for float64;
             use ~1e-3 in float32, see docs/maml.md).
+        early_query_backward (bool): backpropagate the query pass inside
+            :meth:`meta_loss`, so its activations are freed before the outer backward
+            (default True; see the module docstring, **Memory**). The meta-loss is then
+            differentiable once (a backward with ``create_graph=True`` raises): set
+            False to differentiate the meta-gradient again.
 
     ``MAML(...).parameters()`` are the meta-parameters: the model's, and ``α`` under
     MetaSGD (:attr:`inner_lrs`).
@@ -150,7 +167,8 @@ class MAML(nn.Module):
                  inner_optimizer: str = "sgd", adam_betas: Tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, batched: bool = True,
                  batch_query: Optional[bool] = None, hvp: str = "exact",
-                 checkpoint_inner: bool = False, fd_eps: float = 1e-4):
+                 checkpoint_inner: bool = False, fd_eps: float = 1e-4,
+                 early_query_backward: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML: model must be an nn.Module, got {type(model).__name__}")
@@ -184,11 +202,15 @@ class MAML(nn.Module):
         self.hvp = hvp
         self.checkpoint_inner = bool(checkpoint_inner)
         self.fd_eps = float(fd_eps)
+        self.early_query_backward = bool(early_query_backward)
         self.adapted_names: List[str] = _resolve_adapted(model, adapt)
         #: Whether (with :attr:`batched`) the query pass is vmapped over tasks; None:
         #: per call (:meth:`query_batched`).
         self.batch_query = None if batch_query is None else bool(batch_query)
         self._adapts_conv = _adapts_convolution(model, self.adapted_names)
+        # Set once a query loss is found to need gradients beyond the model's parameters
+        # (then the query pass is always backpropagated with the rest, see _QueryLoss).
+        self._query_reaches_other_leaves = False
         params = dict(model.named_parameters())
         #: MetaSGD's learned inner learning rates, one per adapted parameter (same shape),
         #: in the order of :attr:`adapted_names`; ``None`` without ``learn_inner_lr``.
@@ -381,9 +403,133 @@ class MAML(nn.Module):
         else:
             adapted = self.adapt(sx, sy)
             batched = self.batched and self.query_batched(qx.device)
+            if self._early_query_backward(adapted, qx, qy, return_outputs):
+                shared = [(n, p) for n, p in self.model.named_parameters()
+                          if n not in self.adapted_names and p.requires_grad]
+                try:
+                    return _QueryLoss.apply(self, qx, qy, batched, list(adapted),
+                                            [n for n, _ in shared], *adapted.values(),
+                                            *(p for _, p in shared))
+                except _ReachesOtherLeaves:
+                    self._query_reaches_other_leaves = True
             out = self.forward_tasks(adapted, qx, batched=batched)
             loss = self._losses(out, qy, batched).mean()
         return (loss, out) if return_outputs else loss
+
+    def _early_query_backward(self, adapted: Dict[str, Tensor], qx: Tensor, qy: Tensor,
+                              return_outputs: bool) -> bool:
+        """Whether :meth:`meta_loss` backpropagates the query pass in its forward
+        (:class:`_QueryLoss`): when a meta-gradient is coming (grad mode on, the adapted
+        parameters carry a graph), the query outputs are not asked for (they stay
+        differentiable on the plain path), the query data need no gradient, autocast is
+        off (its loss scale must reach the query pass's low-precision gradients, so that
+        pass waits for the backward), and the query loss has not been seen to depend on
+        tensors other than the model's parameters (e.g. a ``loss_fn`` closing over a
+        learned temperature: those need the plain path to get their gradient)."""
+        return (self.early_query_backward and torch.is_grad_enabled() and not return_outputs
+                and any(t.requires_grad for t in adapted.values())
+                and not (qx.requires_grad or qy.requires_grad)
+                and not torch.is_autocast_enabled(qx.device.type)
+                and not self._query_reaches_other_leaves)
+
+
+class _QueryLoss(torch.autograd.Function):
+    """The query half of the meta-loss, ``mean_t loss_fn(model(x_q^t; θ_K^t, φ), y_q^t)``,
+    whose gradient with respect to the adapted parameters ``θ_K [T, *shape]`` and the
+    shared trainable parameters ``φ`` is computed in the forward, right after the query
+    forward, and handed back by the backward (scaled by the incoming cotangent).
+
+    Why: the query pass has the largest activations (75 query images per task against 5
+    support images on the bench CNN). On the plain path they stay alive until the outer
+    backward, on top of every inner step's graph; here they are freed before the forward
+    returns — task by task when the query pass loops over tasks, so the peak holds one
+    task's query activations instead of all ``T``'s. Same kernels, same FLOPs, the same
+    meta-gradient (the outer backward just starts from the stored cotangents).
+    Differentiable once: a backward with ``create_graph=True`` raises rather than give a
+    meta-gradient whose own derivative silently lacks the query pass's terms.
+    """
+
+    @staticmethod
+    def forward(ctx, maml: MAML, qx: Tensor, qy: Tensor, batched: bool, adapted_names: List[str],
+                shared_names: List[str], *tensors: Tensor) -> Tensor:
+        n = len(adapted_names)
+        adapted, shared = tensors[:n], tensors[n:]
+        T = qx.shape[0]
+        with torch.enable_grad():
+            phi = [p.detach().requires_grad_() for p in shared]
+            base = {**maml._shared(), **dict(zip(shared_names, phi))}
+
+            def loss_of(params: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+                return maml.loss_fn(functional_call(maml.model, {**base, **params}, (x,)), y)
+
+            if batched:
+                theta = [t.detach().requires_grad_() for t in adapted]
+                losses = vmap(loss_of)(dict(zip(adapted_names, theta)), qx, qy)
+                _check_leaves(losses, theta + phi)
+                grads = _grads(losses.sum() / T, theta + phi)
+                d_theta, d_phi = grads[:n], grads[n:]
+            else:
+                # One task at a time: its activations are freed by its own backward before
+                # the next task's forward, and its cotangents go into [T, *shape] buffers.
+                d_theta = [torch.empty_like(t) for t in adapted]
+                d_phi = [torch.zeros_like(p) for p in phi]
+                losses = []
+                for i in range(T):
+                    theta = [t[i].detach().requires_grad_() for t in adapted]
+                    loss = loss_of(dict(zip(adapted_names, theta)), qx[i], qy[i])
+                    if i == 0:
+                        _check_leaves(loss, theta + phi)
+                    grads = _grads(loss / T, theta + phi)
+                    for buf, g in zip(d_theta, grads[:n]):
+                        buf[i].copy_(g)
+                    for acc, g in zip(d_phi, grads[n:]):
+                        acc.add_(g)
+                    losses.append(loss.detach())
+                losses = torch.stack(losses)
+        # Saved (not a ctx attribute) so that autograd frees them once the backward has
+        # used them, before the rest of the outer backward runs.
+        ctx.save_for_backward(*d_theta, *d_phi)
+        return losses.detach().mean()
+
+    @staticmethod
+    def backward(ctx, d_loss: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the cotangents below are constants
+            raise RuntimeError(
+                "MAML.meta_loss: the meta-gradient was asked for with create_graph=True, but "
+                "the query pass was already backpropagated in the forward "
+                "(early_query_backward=True), so the meta-gradient cannot be differentiated "
+                "again; build MAML(..., early_query_backward=False) to differentiate it twice")
+        return (None,) * 6 + tuple(g * d_loss for g in ctx.saved_tensors)
+
+
+class _ReachesOtherLeaves(Exception):
+    """The query loss depends on a tensor requiring grad that :class:`_QueryLoss` does not
+    hand gradients to (raised before any state changes; the caller takes the plain path)."""
+
+
+def _check_leaves(loss: Tensor, leaves: List[Tensor]) -> None:
+    """Raise :class:`_ReachesOtherLeaves` if ``loss``'s graph reaches a leaf requiring
+    grad other than ``leaves`` — e.g. a parameter outside the model that ``loss_fn`` or
+    the model's forward closes over. A walk over one task's query graph (tens of nodes)."""
+    own = {id(t) for t in leaves}
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it feeds
+        if variable is not None:
+            if id(variable) not in own:
+                raise _ReachesOtherLeaves
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+
+def _grads(loss: Tensor, inputs: List[Tensor]) -> List[Tensor]:
+    """``d loss / d inputs``, zeros for inputs it does not depend on."""
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
 def _dense(ts: List[Tensor]) -> List[Tensor]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyoptk.meta.checkpoint import atomic_save
+from pyoptk.meta.checkpoint import atomic_save, load_file
 from pyoptk.meta.episodic import EpisodicResult, fit_episodic
 from pyoptk.meta.maml import MAML
 from pyoptk.meta.reptile import Reptile
@@ -36,6 +36,7 @@ __all__ = ["InitConfig", "build_model", "episodes", "meta_init", "save_init", "l
 
 FAMILIES = ("sinusoid", "digits")
 METHODS = ("maml", "fomaml", "reptile")
+INIT_FORMAT = "pyoptk.meta_init/1"
 
 
 @dataclass
@@ -125,21 +126,15 @@ def meta_init(cfg: InitConfig, *, valid_every: int = 50, patience: int = 5,
 def save_init(path: str, model: nn.Module, cfg: InitConfig) -> None:
     """Save the initialization and its configuration (``torch.save``, atomically: see
     :func:`pyoptk.meta.checkpoint.atomic_save`)."""
-    atomic_save(path, {"format": "pyoptk.meta_init/1", "config": asdict(cfg),
+    atomic_save(path, {"format": INIT_FORMAT, "config": asdict(cfg),
                        "state_dict": model.state_dict()})
 
 
 def load_init(path: str) -> Tuple[nn.Module, InitConfig]:
-    """``(model, config)`` from a file written by :func:`save_init`."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # truncated, not a pickle, …
-        raise ValueError(f"load_init: cannot read {path!r} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or data.get("format") != "pyoptk.meta_init/1":
-        raise ValueError(f"{path!r} is not a pyoptk meta-initialization file")
+    """``(model, config)`` from a file written by :func:`save_init`. An unreadable file or
+    one of another kind raises :class:`~pyoptk.meta.checkpoint.CheckpointError` (a
+    ``ValueError``) naming it; a missing one ``FileNotFoundError``."""
+    data = load_file(path, INIT_FORMAT, "a pyoptk meta-initialization file (save_init)")
     cfg = InitConfig(**data["config"]).check()
     model = build_model(cfg)
     model.load_state_dict(data["state_dict"])
