@@ -55,6 +55,7 @@ bench-meta: $(STAMP)
 
 bench-maml: $(STAMP)
 	$(VENV)/bin/pyoptk bench maml --threads 1
+	$(VENV)/bin/pyoptk bench maml --threads 2
 
 # A manylinux wheel with the CPU and CUDA code (CUDA runtime linked statically).
 # libgomp is not grafted in: pyoptk._C then shares the OpenMP runtime torch has already

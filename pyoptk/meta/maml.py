@@ -37,8 +37,9 @@ bench CNN) and its backward holds all ``T`` tasks' activation gradients at once.
 an adapted parameter belongs to a convolution, the query pass (one forward of ``T``
 query sets, the largest activations) loops over tasks by default on CPU
 (``batch_query``; GPUs keep it vmapped: unmeasured there, and a loop costs launches);
-the many small support passes stay vmapped. Bench CNN, 8 tasks, 1 step (with the memory
-changes above): 1.0× → 1.6× the speed of ``higher``, 26.6 → 16.7 MB.
+the many small support passes stay vmapped. Bench CNN, 8 tasks, 1 step, 1 thread:
+1.0× → 1.4–1.6× the speed of ``higher`` (the query pass alone is half of ``higher``'s
+time there, so 2× is out of reach on one thread).
 
 **Memory.** The exact meta-gradient keeps every inner step's graph: memory grows
 linearly in ``inner_steps`` (activations of ``T`` support forwards and their
