@@ -321,6 +321,9 @@ def test_early_query_backward_is_differentiable_once_and_falls_back_when_needed(
     maml = MAML(model, F.mse_loss, inner_steps=2, inner_lr=LR)
     with pytest.raises(RuntimeError, match="early_query_backward=False"):
         torch.autograd.grad(maml.meta_loss(batch), params, create_graph=True)
+    fd = MAML(model, F.mse_loss, inner_steps=2, inner_lr=LR, hvp="finite_difference")
+    with pytest.raises(RuntimeError, match="finite_difference"):
+        torch.autograd.grad(fd.meta_loss(batch), params, create_graph=True)
     plain = MAML(model, F.mse_loss, inner_steps=2, inner_lr=LR, early_query_backward=False)
     g = torch.autograd.grad(plain.meta_loss(batch), params, create_graph=True)
     assert all(h.abs().sum() > 0 for h in torch.autograd.grad(sum(x.sum() for x in g), params))

@@ -587,6 +587,11 @@ class _FiniteDifferenceMetaLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss: Tensor, d_out: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the differences below are constants
+            raise RuntimeError(
+                "MAML.meta_loss: hvp='finite_difference' gives a meta-gradient that cannot be "
+                "differentiated again (create_graph=True); use hvp='exact' with "
+                "early_query_backward=False for that")
         maml, (sx, sy, qx, qy) = ctx.maml, ctx.batch
         nA, shared = ctx.n_adapted, list(ctx.shared)
         names = maml.adapted_names
