@@ -198,8 +198,8 @@ def bench_problem(name: str, steps: int, meta_batch: int, device: torch.device, 
                      "tensors": len(list(model.parameters())), "inner_steps": steps,
                      "meta_batch": meta_batch, "median_ms": round(t.median, 3),
                      "p20_ms": round(t.p20, 3), "p80_ms": round(t.p80, 3),
-                     "rel_err": f"{errs[k]:.1e}" if k in errs else "", "peak_MB": round(peak / 2 ** 20, 2),
-                     "peak_method": how, "_peak": peak})
+                     "rel_err": f"{errs[k]:.1e}" if k in errs else "",
+                     "peak_MB": round(peak / 2 ** 20, 2), "peak_method": how, "_peak": peak})
     base = {r["optimizer"]: r for r in rows}[PYOPTK]
     base_ms, base_peak = base["median_ms"], base["_peak"]
     for r in rows:

@@ -294,9 +294,7 @@ class MAML(nn.Module):
         layer's weight gradient is a transpose)."""
         losses = self.task_losses(dict(zip(self.adapted_names, theta)), x, y)
         total = losses.sum()
-        grads = torch.autograd.grad(total, theta, torch.full_like(total, scale),
-                                    create_graph=create_graph, allow_unused=True)
-        return losses, [torch.zeros_like(t) if g is None else g for t, g in zip(theta, grads)]
+        return losses, _grads(total, theta, torch.full_like(total, scale), create_graph)
 
     @torch.compiler.disable
     def adapt(self, support_x: Tensor, support_y: Tensor, *,
@@ -527,9 +525,12 @@ def _check_leaves(loss: Tensor, leaves: List[Tensor]) -> None:
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
 
 
-def _grads(loss: Tensor, inputs: List[Tensor]) -> List[Tensor]:
-    """``d loss / d inputs``, zeros for inputs it does not depend on."""
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+def _grads(loss: Tensor, inputs: List[Tensor], grad_output: Optional[Tensor] = None,
+           create_graph: bool = False) -> List[Tensor]:
+    """``d loss / d inputs`` (seeded with ``grad_output``), zeros for inputs it does not
+    depend on."""
+    grads = torch.autograd.grad(loss, inputs, grad_output, create_graph=create_graph,
+                                allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
@@ -598,8 +599,7 @@ class _FiniteDifferenceMetaLoss(torch.autograd.Function):
         with torch.enable_grad():
             theta = [t.detach().requires_grad_() for t in ctx.theta_K]
             q = maml.task_losses(dict(zip(names, theta)), qx, qy).mean() * d_loss
-            gr = torch.autograd.grad(q, theta + shared, allow_unused=True)
-            gr = [torch.zeros_like(x) if g is None else g for x, g in zip(theta + shared, gr)]
+            gr = _grads(q, theta + shared)
             v, d_shared = gr[:nA], gr[nA:]
             d_lrs = [torch.zeros_like(a[0]) for a in ctx.lr_b]
             for k in reversed(range(maml.inner_steps)):
@@ -616,10 +616,7 @@ class _FiniteDifferenceMetaLoss(torch.autograd.Function):
                     pert = [(t + sign * _broadcast(r, t) * wi).requires_grad_()
                             for t, wi in zip(th, w)]
                     losses = maml.task_losses(dict(zip(names, pert)), sx, sy)
-                    gs = torch.autograd.grad((losses / (2 * r)).sum(), pert + shared,
-                                             allow_unused=True)
-                    gs = [torch.zeros_like(x) if gi is None else sign * gi
-                          for x, gi in zip(pert + shared, gs)]
+                    gs = [sign * gi for gi in _grads((losses / (2 * r)).sum(), pert + shared)]
                     hw = gs if hw is None else [a + b for a, b in zip(hw, gs)]
                 v = [vi - h for vi, h in zip(v, hw[:nA])]
                 d_shared = [d - h for d, h in zip(d_shared, hw[nA:])]
