@@ -229,12 +229,13 @@ class MAML(nn.Module):
         return out
 
     def forward_tasks(self, adapted: Dict[str, Tensor], x: Tensor, *,
-                      batched: Optional[bool] = None) -> Tensor:
+                      batched: Optional[bool] = None,
+                      shared: Optional[Dict[str, Tensor]] = None) -> Tensor:
         """Outputs ``[T, ...]`` of the model on each task's inputs ``x [T, ...]`` with that
         task's adapted parameters ``adapted[name]: [T, *shape]`` (the other parameters
-        shared): one vmapped call, or a loop over tasks (``batched``, default
-        :attr:`batched`)."""
-        shared = self._shared()
+        shared, ``shared[name]`` replacing those given): one vmapped call, or a loop over
+        tasks (``batched``, default :attr:`batched`)."""
+        shared = {**self._shared(), **(shared or {})}
 
         def one(p: Dict[str, Tensor], xt: Tensor) -> Tensor:
             return functional_call(self.model, {**shared, **p}, (xt,))
@@ -248,9 +249,12 @@ class MAML(nn.Module):
                             for ps, xt in zip(per_task, x.unbind(0))])
 
     def task_losses(self, adapted: Dict[str, Tensor], x: Tensor, y: Tensor, *,
-                    batched: Optional[bool] = None) -> Tensor:
-        """Per-task losses ``[T]`` of the adapted parameters on ``(x [T, ...], y [T, ...])``."""
-        return self._losses(self.forward_tasks(adapted, x, batched=batched), y, batched)
+                    batched: Optional[bool] = None,
+                    shared: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        """Per-task losses ``[T]`` of the adapted parameters on ``(x [T, ...], y [T, ...])``
+        (``shared`` as in :meth:`forward_tasks`)."""
+        return self._losses(self.forward_tasks(adapted, x, batched=batched, shared=shared),
+                            y, batched)
 
     def _losses(self, out: Tensor, y: Tensor, batched: Optional[bool] = None) -> Tensor:
         """``loss_fn`` per task: ``[T]`` from outputs ``[T, ...]`` and targets ``[T, ...]``."""
@@ -456,14 +460,11 @@ class _QueryLoss(torch.autograd.Function):
         T = qx.shape[0]
         with torch.enable_grad():
             phi = [p.detach().requires_grad_() for p in shared]
-            base = {**maml._shared(), **dict(zip(shared_names, phi))}
-
-            def loss_of(params: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-                return maml.loss_fn(functional_call(maml.model, {**base, **params}, (x,)), y)
-
+            fixed = dict(zip(shared_names, phi))
             if batched:
                 theta = [t.detach().requires_grad_() for t in adapted]
-                losses = vmap(loss_of)(dict(zip(adapted_names, theta)), qx, qy)
+                losses = maml.task_losses(dict(zip(adapted_names, theta)), qx, qy,
+                                          batched=True, shared=fixed)
                 _check_leaves(losses, theta + phi)
                 grads = _grads(losses.sum() / T, theta + phi)
                 d_theta, d_phi = grads[:n], grads[n:]
@@ -474,13 +475,15 @@ class _QueryLoss(torch.autograd.Function):
                 d_phi = [torch.zeros_like(p) for p in phi]
                 losses = []
                 for i in range(T):
-                    theta = [t[i].detach().requires_grad_() for t in adapted]
-                    loss = loss_of(dict(zip(adapted_names, theta)), qx[i], qy[i])
+                    task = slice(i, i + 1)  # a one-task batch: [1, *shape] parameters
+                    theta = [t[task].detach().requires_grad_() for t in adapted]
+                    loss = maml.task_losses(dict(zip(adapted_names, theta)), qx[task], qy[task],
+                                            batched=False, shared=fixed)[0]
                     if i == 0:
                         _check_leaves(loss, theta + phi)
                     grads = _grads(loss / T, theta + phi)
                     for buf, g in zip(d_theta, grads[:n]):
-                        buf[i].copy_(g)
+                        buf[task].copy_(g)
                     for acc, g in zip(d_phi, grads[n:]):
                         acc.add_(g)
                     losses.append(loss.detach())
