@@ -63,6 +63,18 @@ def _n_tiles(rem, BLOCK: tl.constexpr, TILES: tl.constexpr):
 
 
 @triton.jit
+def _chunk(chunks, meta, n_tensors):
+    """``(pid, nt, t, start, rem)`` of this program's chunk: its index, the tensor count,
+    the tensor ``t`` the chunk lies in, its first element and the elements left from
+    there to the tensor's end. All int64: tensors may exceed 2**31 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    nt = n_tensors.to(tl.int64)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    return pid, nt, t, start, tl.load(meta + NUMEL * nt + t) - start
+
+
+@triton.jit
 def _ptr(base, meta, row, nt, t, start):
     return base + tl.load(meta + row * nt + t) + start
 
@@ -89,11 +101,7 @@ def _safe_sqrt(x, F64: tl.constexpr):
 @triton.jit(do_not_specialize=["n_tensors"])
 def _sgd_kernel(p_base, g_base, a_base, o_base, scal, chunks, meta, n_tensors,
                 PER_ELEMENT: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors may exceed 2**31
-    nt = n_tensors.to(tl.int64)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    rem = tl.load(meta + NUMEL * nt + t) - start
+    pid, nt, t, start, rem = _chunk(chunks, meta, n_tensors)
     p_ptr = _ptr(p_base, meta, ROLE0 + 0, nt, t, start)
     g_ptr = _ptr(g_base, meta, ROLE0 + 1, nt, t, start)
     o_ptr = _ptr(o_base, meta, ROLE0 + 2, nt, t, start)
@@ -119,11 +127,7 @@ def _sgd_kernel(p_base, g_base, a_base, o_base, scal, chunks, meta, n_tensors,
 def _sgd_backward_kernel(g_base, dp_base, dg_base, a_base, da_base, scal, part, chunks, meta,
                          n_tensors, PER_ELEMENT: tl.constexpr, WANT_SUM: tl.constexpr,
                          BLOCK: tl.constexpr, TILES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    nt = n_tensors.to(tl.int64)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    rem = tl.load(meta + NUMEL * nt + t) - start
+    pid, nt, t, start, rem = _chunk(chunks, meta, n_tensors)
     g_ptr = _ptr(g_base, meta, ROLE0 + 0, nt, t, start)
     dp_ptr = _ptr(dp_base, meta, ROLE0 + 1, nt, t, start)
     dg_ptr = _ptr(dg_base, meta, ROLE0 + 2, nt, t, start)
@@ -154,11 +158,7 @@ def _sgd_backward_kernel(g_base, dp_base, dg_base, a_base, da_base, scal, part, 
 def _adam_kernel(p_base, g_base, m_base, v_base, po_base, mo_base, vo_base, scal, chunks, meta,
                  n_tensors, FROM_END: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
                  TILES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    nt = n_tensors.to(tl.int64)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    rem = tl.load(meta + NUMEL * nt + t) - start
+    pid, nt, t, start, rem = _chunk(chunks, meta, n_tensors)
     p_ptr = _ptr(p_base, meta, ROLE0 + 0, nt, t, start)
     g_ptr = _ptr(g_base, meta, ROLE0 + 1, nt, t, start)
     m_ptr = _ptr(m_base, meta, ROLE0 + 2, nt, t, start)
@@ -196,11 +196,7 @@ def _adam_backward_kernel(g_base, m_base, v_base, dp_base, dm_base, dv_base, dgo
                           BLOCK: tl.constexpr, TILES: tl.constexpr):
     """HAS_DM / HAS_DV false: d_m' / d_v' are zero (their role rows then hold the grads'
     offsets, never read)."""
-    pid = tl.program_id(0).to(tl.int64)
-    nt = n_tensors.to(tl.int64)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    rem = tl.load(meta + NUMEL * nt + t) - start
+    pid, nt, t, start, rem = _chunk(chunks, meta, n_tensors)
     g_ptr = _ptr(g_base, meta, ROLE0 + 0, nt, t, start)
     m_ptr = _ptr(m_base, meta, ROLE0 + 1, nt, t, start)
     v_ptr = _ptr(v_base, meta, ROLE0 + 2, nt, t, start)

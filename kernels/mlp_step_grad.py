@@ -65,10 +65,10 @@ import triton.language as tl
 from ._math import load_lr
 from ._multi_tensor import LRUCache, check_device, device_guard, split_f64
 from .mlp_update import (
-    I_COLP, I_COLS, I_COUNT, I_FAC, I_FC, I_FIRST, I_FR, I_G, I_M, I_NCT, I_NRT, I_NUMEL, I_P,
-    I_ROWP, I_ROWS, I_STEP, I_V, N_INFO, NUM_WARPS, RBLOCK, _build_table, _dot, _ema, _f32,
-    _mlp_finalize_kernel, _mlp_stats_kernel, _pow2, _put, _tanh64, _tile_setup, _timescales,
-    launch_options)
+    I_COLP, I_COLS, I_FAC, I_FC, I_FR, I_NCT, I_NRT, I_NUMEL, I_ROWP, I_ROWS, I_STEP, N_INFO,
+    NUM_WARPS, RBLOCK, _build_table, _dot, _ema, _f32,
+    _mlp_finalize_kernel, _mlp_stats_kernel, _pow2, _put, _state_ptrs, _tanh64, _tensor_tiles,
+    _tile_setup, _timescales, launch_options)
 from .mlp_update import check_supported as _check_forward_supported
 
 __all__ = ["mlp_step_backward", "check_supported", "TILE_ROWS", "TILE_COLS", "MAX_SLOTS"]
@@ -225,11 +225,8 @@ def _bwd_tiles_kernel(p_base, g_base, m_base, v_base, fr_base, step_base, gp_bas
         ok = (okf + idx * 0) != 0  # per lane (the interpreter rejects block & scalar masks)
         vm = mask & ok  # lanes whose math runs; a skipped tensor passes cotangents through
         is_fac = (idx * 0 + fac) != 0
-        p_ptr = p_base + tl.load(info + I_P * nt + t)
-        g_ptr = g_base + tl.load(info + I_G * nt + t)
-        m_ptr = m_base + tl.load(info + I_M * nt + t)
-        v_ptr = v_base + tl.load(info + I_V * nt + t)
-        fr_ptr = fr_base + tl.load(info + I_FR * nt + t)
+        p_ptr, g_ptr, m_ptr, v_ptr, fr_ptr = _state_ptrs(
+            p_base, g_base, m_base, v_base, fr_base, info, nt, t)
         gp_ptr = gp_base + tl.load(info + I_GP * nt + t)
         gm_ptr = gm_base + tl.load(info + I_GM * nt + t)
         gv_ptr = gv_base + tl.load(info + I_GV * nt + t)
@@ -507,12 +504,7 @@ def _bwd_finalize_kernel(fr_base, fc_base, gfr_base, gfc_base, cp, dfr_base, dfc
     KR: tl.constexpr = K + R
     KRF: tl.constexpr = K + R + F
     Q2: tl.constexpr = 2 * F
-    numel = tl.load(info + I_NUMEL * nt + t)
-    first = tl.load(info + I_FIRST * nt + t)
-    count = tl.load(info + I_COUNT * nt + t)
-    rows = tl.load(info + I_ROWS * nt + t)
-    cols = tl.load(info + I_COLS * nt + t)
-    fac = tl.load(info + I_FAC * nt + t)
+    numel, first, count, rows, cols, fac = _tensor_tiles(info, nt, t)
     fin = ws + fin_off + t * FS
     ok = tl.load(fin + FS - 1) != 0  # finite and not empty
     nf = tl.maximum(numel, 1).to(tl.float32)
@@ -618,11 +610,8 @@ def _bwd_reduced_kernel(p_base, g_base, m_base, v_base, fr_base, dp_base, dg_bas
     vm = mask & ((okf + idx * 0) != 0)
     is_fac = (idx * 0 + fac) != 0
     kap = ws + fin2_off + t * NQ1  # κ_i (N), then the 0/1-dim vbar terms (F)
-    p_ptr = p_base + tl.load(info + I_P * nt + t)
-    g_ptr = g_base + tl.load(info + I_G * nt + t)
-    m_ptr = m_base + tl.load(info + I_M * nt + t)
-    v_ptr = v_base + tl.load(info + I_V * nt + t)
-    fr_ptr = fr_base + tl.load(info + I_FR * nt + t)
+    p_ptr, g_ptr, m_ptr, v_ptr, fr_ptr = _state_ptrs(
+        p_base, g_base, m_base, v_base, fr_base, info, nt, t)
     dp_ptr = dp_base + tl.load(info + I_ODP * nt + t)
     dg_ptr = dg_base + tl.load(info + I_ODG * nt + t)
     dm_ptr = dm_base + tl.load(info + I_ODM * nt + t)

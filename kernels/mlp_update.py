@@ -104,6 +104,22 @@ def _ema(acc, x, d):
 
 
 @triton.jit
+def _tensor_tiles(info, nt, t):
+    """Tensor ``t``'s numel, first tile, tile count, rows, cols and factored flag."""
+    return (tl.load(info + I_NUMEL * nt + t), tl.load(info + I_FIRST * nt + t),
+            tl.load(info + I_COUNT * nt + t), tl.load(info + I_ROWS * nt + t),
+            tl.load(info + I_COLS * nt + t), tl.load(info + I_FAC * nt + t))
+
+
+@triton.jit
+def _state_ptrs(p_base, g_base, m_base, v_base, fr_base, info, nt, t):
+    """Tensor ``t``'s parameter, gradient, moments and row-factor pointers."""
+    return (p_base + tl.load(info + I_P * nt + t), g_base + tl.load(info + I_G * nt + t),
+            m_base + tl.load(info + I_M * nt + t), v_base + tl.load(info + I_V * nt + t),
+            fr_base + tl.load(info + I_FR * nt + t))
+
+
+@triton.jit
 def _tile_setup(tiles, info, nt, pid, TR: tl.constexpr, TC: tl.constexpr):
     """A program's tensor, its numel/rows/cols/factored flag, and the row, column and
     flat element index of each of its ``TR·TC`` lanes (1-D, row-major in the tile)."""
@@ -135,11 +151,8 @@ def _mlp_stats_kernel(p_base, g_base, m_base, v_base, fr_base, tiles, info, nt, 
     nt = nt.to(tl.int64)
     nti = n_tiles.to(tl.int64)
     t, numel, rows, cols, fac, rt, ct, r, c, idx, mask = _tile_setup(tiles, info, nt, pid, TR, TC)
-    p_ptr = p_base + tl.load(info + I_P * nt + t)
-    g_ptr = g_base + tl.load(info + I_G * nt + t)
-    m_ptr = m_base + tl.load(info + I_M * nt + t)
-    v_ptr = v_base + tl.load(info + I_V * nt + t)
-    fr_ptr = fr_base + tl.load(info + I_FR * nt + t)
+    p_ptr, g_ptr, m_ptr, v_ptr, fr_ptr = _state_ptrs(
+        p_base, g_base, m_base, v_base, fr_base, info, nt, t)
     eps = tl.cast(eps, tl.float32)
     fac_eps = tl.cast(fac_eps, tl.float32)
 
@@ -209,12 +222,7 @@ def _mlp_finalize_kernel(fr_base, fc_base, step_base, tiles, info, nt, n_tiles, 
     nti = n_tiles.to(tl.int64)
     NN: tl.constexpr = 2 + K + R + K * R + R
     NS: tl.constexpr = NN + F + 1
-    numel = tl.load(info + I_NUMEL * nt + t)
-    first = tl.load(info + I_FIRST * nt + t)
-    count = tl.load(info + I_COUNT * nt + t)
-    rows = tl.load(info + I_ROWS * nt + t)
-    cols = tl.load(info + I_COLS * nt + t)
-    fac = tl.load(info + I_FAC * nt + t)
+    numel, first, count, rows, cols, fac = _tensor_tiles(info, nt, t)
     fin = ws + fin_off + t * FS
 
     # ---- per-tile partials, summed in a fixed order (deterministic) ----
@@ -333,11 +341,8 @@ def _mlp_apply_kernel(p_base, g_base, m_base, v_base, fr_base, fc_base, lr_ptr, 
     fin = ws + fin_off + t * FS
     ok = (tl.load(fin + FS - 1) + idx * 0) != 0  # per lane (see the stats kernel)
     smask = mask & ok  # a tensor with a non-finite gradient writes nothing
-    p_ptr = p_base + tl.load(info + I_P * nt + t)
-    g_ptr = g_base + tl.load(info + I_G * nt + t)
-    m_ptr = m_base + tl.load(info + I_M * nt + t)
-    v_ptr = v_base + tl.load(info + I_V * nt + t)
-    fr_ptr = fr_base + tl.load(info + I_FR * nt + t)
+    p_ptr, g_ptr, m_ptr, v_ptr, fr_ptr = _state_ptrs(
+        p_base, g_base, m_base, v_base, fr_base, info, nt, t)
     fc_ptr = fc_base + tl.load(info + I_FC * nt + t)
     eps = tl.cast(eps, tl.float32)
     fac_eps = tl.cast(fac_eps, tl.float32)
