@@ -66,7 +66,7 @@ from ._math import load_lr
 from ._multi_tensor import LRUCache, check_device, device_guard, split_f64
 from .mlp_update import (
     I_COLP, I_COLS, I_FAC, I_FC, I_FR, I_NCT, I_NRT, I_NUMEL, I_ROWP, I_ROWS, I_STEP, N_INFO,
-    NUM_WARPS, RBLOCK, _build_table, _dot, _ema, _f32,
+    DOT_WARPS, NUM_WARPS, RBLOCK, _build_table, _dot, _ema, _f32,
     _mlp_finalize_kernel, _mlp_stats_kernel, _pow2, _put, _state_ptrs, _tanh64, _tensor_tiles,
     _tile_setup, _timescales, launch_options)
 from .mlp_update import check_supported as _check_forward_supported
@@ -885,6 +885,7 @@ def mlp_step_backward(inputs: Sequence[Sequence[torch.Tensor]],
     decays = decays.contiguous()
     eps, fac_eps, k_ls = float(hp.eps), float(hp.fac_eps), float(hp.log_sign_k)
     consts = dict(K=K, R=R, F=F, num_warps=NUM_WARPS)
+    tile_consts = {**consts, "num_warps": DOT_WARPS}
     with device_guard(device):
         if nti:
             _mlp_stats_kernel[(nti,)](
@@ -906,7 +907,7 @@ def mlp_step_backward(inputs: Sequence[Sequence[torch.Tensor]],
                 _f32(math.exp(k_ls)), FMI=int(hp.fac_mom_index),
                 FMF=F if hp.fac_mom_index >= 0 else 0, NE=NE, T=T, TP=_pow2(T), DP=DP,
                 H0=H0, H0P=H0P, H1=H1, H1P=H1P, FS=FS, TR=tr, TC=tc, PRECISION=precision,
-                **consts)
+                **tile_consts)
         _bwd_finalize_kernel[(nt,)](
             fac_rows[bfr], fac_cols[bfc], cts[3][cgfr], cts[4][cgfc], cp, outs[4][ofr],
             outs[5][ofc], table.info, nt, nti, ws, table.fin_off, table.q1_off, table.dec_off,

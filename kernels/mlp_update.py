@@ -51,11 +51,19 @@ __all__ = ["mlp_update_", "check_supported", "default_precision", "PRECISIONS",
 
 # Tile of one program: TILE_ROWS x TILE_COLS elements of the (rows, cols) view; the
 # tile is the M dimension of pass 2's dots (64 = one Hopper wgmma M). Compiled for
-# sm_90 (ptxas, no GPU run yet) the apply kernel still spills at this size (~0.9 KB of
-# stack per thread; ~6 KB at 8 x 32): the where-built feature tile is the suspect.
+# sm_90 (ptxas, no GPU run yet) with 4 warps the apply kernel spills at this size
+# (~0.9 KB of stack per thread; ~6 KB at 8 x 32): the where-built feature tile. With
+# DOT_WARPS it does not.
 TILE_ROWS = 4
 TILE_COLS = 16
 NUM_WARPS = 4
+# Warps of the two kernels that build a tile's feature matrix and run the MLP's dots on it
+# (pass 2 here, the backward's per-tile kernel): two warpgroups spread the [64, DP] tile
+# over 256 threads. ptxas for sm_90 (no GPU run yet): pass 2 spills 0 B per thread at 8
+# warps against 1,304 B at 4, the backward's 3,500 B against 5,248 B, both at ~255
+# registers and still on wgmma; warps per SM are the same (one 8-warp CTA or two 4-warp
+# ones fit its register file).
+DOT_WARPS = 8
 # Partials / rows / columns reduced per loop iteration of the finalize kernel.
 RBLOCK = 256
 MAX_WIDTH = 128  # largest padded feature count / hidden width kept in registers
@@ -668,4 +676,4 @@ def mlp_update_(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.T
             _f32(math.exp(k_ls)), K=K, R=R, F=F, FMI=int(hp.fac_mom_index),
             FMF=F if hp.fac_mom_index >= 0 else 0, NE=NE, DP=DP,
             H0=H0, H0P=H0P, H1=H1, H1P=H1P, FS=FS, TR=tr, TC=tc, PRECISION=precision,
-            num_warps=NUM_WARPS)
+            num_warps=DOT_WARPS)

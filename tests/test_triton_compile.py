@@ -1,9 +1,9 @@
 """Every Triton kernel compiles for Hopper (sm_90) through Triton's full pipeline down to
 ptxas, on this CPU-only machine (tests/triton_compile_check.py says how), from the real
 op code paths: a kernel that would fail to compile on a GPU (e.g. on a count of 1 that
-Triton turned into a constant) fails here. The memory-bound multi-tensor kernels must
-not spill registers; the learned-MLP kernels' spills are printed (known, see
-bench/GPU_NOTES.md), not asserted. A cold Triton cache takes ~1.5 min here, mostly the
+Triton turned into a constant) fails here. The memory-bound multi-tensor kernels and the
+learned step's pass 2 must not spill registers; the learned-MLP backward's per-tile
+kernel spills (known, see bench/GPU_NOTES.md): printed, not asserted. A cold Triton cache takes ~1.5 min here, mostly the
 MLP backward's main kernel; a warm one seconds."""
 
 import json
@@ -21,7 +21,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
 NO_SPILL = ("_adamw_kernel", "_lamb_moments_kernel", "_lamb_apply_kernel",
             "_lamb_trust_ratio_kernel", "_norm_partials_kernel", "_norm_total_kernel",
             "_clip_kernel", "_centralize_kernel", "_sgd_kernel", "_sgd_backward_kernel",
-            "_adam_kernel", "_adam_backward_kernel", "_mlp_stats_kernel")
+            "_adam_kernel", "_adam_backward_kernel", "_mlp_stats_kernel",
+            # The learned step's pass 2 holds the feature tile and runs the MLP: spill-free
+            # since it runs on 8 warps (kernels/mlp_update.py, DOT_WARPS).
+            "_mlp_apply_kernel")
 
 
 def _have_cuda_backend() -> bool:
