@@ -31,10 +31,11 @@ def test_plain_tbptt_is_the_estimators_gradient():
         torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-14)
 
 
-def test_plain_pes_is_the_estimators_gradient():
+@pytest.mark.parametrize("fused", [False, True], ids=["vmap", "fused_steps"])
+def test_plain_pes_is_the_estimators_gradient(fused):
     meta = init_meta_params(CFG, 0, output_scale=1.0, dtype=torch.float64)
     task = QuadraticTask(0, dim=6, cond=10.0, noise=0.1)
-    est = PersistentES(CFG, 2, 20, sigma=0.05, n_particles=3, lr=10.0)
+    est = PersistentES(CFG, 2, 20, sigma=0.05, n_particles=3, lr=10.0, fused=fused)
     u = est.init_unroll(task, meta, 0)
     _, (u,) = est.estimate(meta, [u], seed=0)
     want = est.estimate(meta, [u], seed=1)[0].grads
@@ -58,8 +59,11 @@ def test_bench_meta_smoke(tmp_path, capsys):
         assert int(r["params"]) == 1000 and float(r["median_ms"]) > 0
         assert float(r["inner_steps_per_s"]) > 0 and r["peak_MB"] != ""
     assert by["TruncatedBPTT"]["baseline"] == "TBPTT [plain]"
-    assert by["PersistentES"]["speedup"].endswith("x")
-    assert int(by["PersistentES"]["particles"]) == 4
+    pes = {r["backend"]: r for r in rows if r["optimizer"] == "PersistentES"}
+    assert set(pes) == {"fused steps", "vmap"}
+    for r in pes.values():
+        assert r["speedup"].endswith("x") and r["baseline"] == "PES [plain loop]"
+        assert int(r["particles"]) == 4
     assert float(by["PES"]["particle_steps_per_s"]) == pytest.approx(
         4 * float(by["PES"]["inner_steps_per_s"]), rel=1e-3)
 

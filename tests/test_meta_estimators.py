@@ -15,7 +15,8 @@ import torch
 from pyoptk.learned import MLPConfig, init_meta_params
 from pyoptk.learned.mlp import update
 from pyoptk.meta import MetaLoss, PersistentES, TruncatedBPTT, TruncatedES, Unroll
-from pyoptk.meta.es import PES_ACCUM
+from pyoptk.meta import es as es_module
+from pyoptk.meta.es import FUSED_MIN_NUMEL, PES_ACCUM
 from pyoptk.tasks import QuadraticFamily, QuadraticTask
 
 CFG = MLPConfig()
@@ -375,6 +376,57 @@ def test_pes_vmapped_particles_match_a_loop_and_accumulate():
         torch.testing.assert_close(e2.grads[k], g, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(u2.extra[PES_ACCUM + k], xi[k])
     assert e2.meta_loss == pytest.approx(float(want.mean()), rel=1e-12)
+
+
+def count_fused_steps(monkeypatch):
+    """Patch the estimators' per-particle fused step to count its calls."""
+    calls = []
+    real = es_module._AntitheticES._fused_step
+
+    def counted(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(es_module._AntitheticES, "_fused_step", counted)
+    return calls
+
+
+@pytest.mark.parametrize("cls", [TruncatedES, PersistentES], ids=["es", "pes"])
+def test_es_fused_particle_steps_match_the_vmapped_reference(cls, monkeypatch):
+    calls = count_fused_steps(monkeypatch)
+    meta = init_meta_params(CFG, 0)
+    task = QuadraticTask(0, dim=FUSED_MIN_NUMEL + 88, cond=10.0, noise=0.1)  # fp32
+    out = {}
+    for fused in (None, True, False):
+        est = cls(CFG, 3, 12, sigma=0.01, n_particles=3, lr=10.0, fused=fused)
+        unrolls = [est.init_unroll(task, meta, seed=0)]
+        before = len(calls)
+        estimates = []
+        for seed in range(2):  # the second truncation starts from a non-zero rule state
+            e, unrolls = est.estimate(meta, unrolls, seed=seed)
+            assert e.finite
+            estimates.append(e)
+        out[fused] = (estimates, unrolls[0])
+        assert (len(calls) > before) == (fused is not False), fused  # 3 steps x 2
+    for (a, b) in zip(out[None][0], out[True][0]):
+        assert_same_estimate(a, b)  # the default took the fused loop here
+    for (a, b) in zip(out[True][0], out[False][0]):
+        assert a.meta_loss == pytest.approx(b.meta_loss, rel=1e-6)
+        for k in a.grads:  # an ES difference quotient amplifies fp32 rounding
+            torch.testing.assert_close(a.grads[k], b.grads[k], rtol=1e-4, atol=1e-6)
+    for x, y in zip(out[True][1].params.values(), out[False][1].params.values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_es_small_particles_keep_the_vmapped_reference(monkeypatch):
+    calls = count_fused_steps(monkeypatch)
+    meta = init_meta_params(CFG, 0)
+    est = PersistentES(CFG, 2, 8, sigma=0.01, n_particles=2)
+    e, _ = est.estimate(meta, [est.init_unroll(quad(dim=FUSED_MIN_NUMEL - 1), meta, 0)],
+                        seed=0)
+    assert e.finite and calls == []
+    with pytest.raises(TypeError, match="fused"):
+        PersistentES(CFG, 2, 8, fused="yes")
 
 
 @pytest.mark.parametrize("cls", [TruncatedES, PersistentES], ids=["es", "pes"])

@@ -9,9 +9,12 @@ data:
   (:func:`pyoptk.ops.mlp_step`, native CPU forward and fused backward) against
   :func:`plain_tbptt`: autograd through the reference step
   (:func:`pyoptk.ops.mlp_update.mlp_update_one`), a Python loop over the tensors.
-* **pes** — :class:`~pyoptk.meta.PersistentES` with the particles batched by
-  ``torch.func.vmap`` against :func:`plain_pes`: a Python loop over the particles, each
-  taking its inner gradient by autograd and stepping with the reference per tensor.
+* **pes** — :class:`~pyoptk.meta.PersistentES` (inner gradients of all particles by one
+  ``torch.func.vmap``) with its two inner steps: ``fused steps`` (the fused rule called
+  particle by particle, ``fused=True``; the default on CPU from 512 elements per
+  particle) and ``vmap`` (the reference under ``vmap``, ``fused=False``). Both run
+  against :func:`plain_pes`: a Python loop over the particles, each taking its inner
+  gradient by autograd and stepping with the reference per tensor.
 
 Reported per task: median time of one estimate, **inner steps per second** (unroll
 steps: unrolls × truncation / time; PES also counts particle-steps), ``speedup`` =
@@ -197,15 +200,17 @@ def bench_pes(task_name: str, device: torch.device, truncation: int, n_particles
               warmup: int, reps: int) -> List[dict]:
     config = MLPConfig()
     meta = init_meta_params(config, 0, device=device)
-    est = PersistentES(config, truncation, 10 * truncation, sigma=0.01,
-                       n_particles=n_particles)
+    est, ref = (PersistentES(config, truncation, 10 * truncation, sigma=0.01,
+                             n_particles=n_particles, fused=fused) for fused in (True, False))
     task = bench_tasks()[task_name]()
     (u,) = _warm_start(est, meta, [est.init_unroll(task, meta, seed=0)])
     kw = {"truncation": truncation, "unrolls": 1, "particles": 2 * n_particles}
-    rows = [_row(task_name, task, "pes", "PersistentES", "vmap", **kw),
+    rows = [_row(task_name, task, "pes", "PersistentES", "fused steps", **kw),
+            _row(task_name, task, "pes", "PersistentES", "vmap", **kw),
             _row(task_name, task, "pes", "PES", "plain loop", **kw)]
     fns = {rows[0]["label"]: lambda: est.estimate(meta, [u], seed=TIMED_SEED),
-           rows[1]["label"]: lambda: plain_pes(est, u, meta, seed=TIMED_SEED)}
+           rows[1]["label"]: lambda: ref.estimate(meta, [u], seed=TIMED_SEED),
+           rows[2]["label"]: lambda: plain_pes(est, u, meta, seed=TIMED_SEED)}
     _measure(rows, fns, device, warmup, reps, truncation, 2 * n_particles)
     return rows
 

@@ -246,7 +246,7 @@ def init_state(params: Sequence[Tensor], config: Optional[MLPConfig] = None,
 # ----------------------------------------------------------------------------------
 # The functional step.
 # ----------------------------------------------------------------------------------
-def _fused_unsupported(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
+def fused_unsupported(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
                        state: MLPState) -> Optional[str]:
     """Why :func:`pyoptk.ops.mlp_step` cannot take these inputs (then :func:`update`
     runs the reference), or None."""
@@ -308,7 +308,7 @@ def update(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], state: M
     decays = decays_tensor(config, meta_params, device=device, dtype=ct)
     grads = list(grads)
     if fused is not False:
-        why = _fused_unsupported(params, grads, state)
+        why = fused_unsupported(params, grads, state)
         if why is None:
             return _update_fused(params, grads, state, weights, decays, hp, ct)
         if fused:
