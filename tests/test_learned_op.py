@@ -10,7 +10,7 @@ import torch
 import pyoptk
 from pyoptk.learned import MLPConfig, FeatureConfig, init_meta_params, init_state, update
 from pyoptk.learned.mlp import decays_tensor, meta_weights
-from pyoptk.ops.mlp_update import mlp_update_
+from pyoptk.ops.mlp_update import mlp_update_, mlp_update_particles_
 from helpers import STEP_TOL, assert_close
 
 ODD_SHAPES = [(), (1,), (0,), (3,), (1, 1), (7, 1), (1, 7), (5, 13, 7), (33, 65), (2, 0, 3),
@@ -171,6 +171,62 @@ def test_ragged_lists_equal_one_at_a_time():
     op_step(params, grads, state, meta, cfg)
     for i, (a, b) in enumerate(zip(params, singles)):
         assert torch.equal(a, b), f"params[{i}]"
+
+
+def stacked(ts):
+    return [torch.stack(list(t)) for t in zip(*ts)]
+
+
+@pytest.mark.parametrize("config", [SMALL_CFG, MLPConfig(learn_decays=True)],
+                         ids=["small", "learn_decays"])
+def test_particles_equal_one_op_call_per_particle(config):
+    # Three rules (different meta-parameters) over the odd shapes; particle 1 has a NaN
+    # in one gradient, which must skip that tensor of that particle only.
+    P, shapes = 3, [s for s in ODD_SHAPES if s != (0,)]
+    metas = [init_meta_params(config, seed=j) for j in range(P)]
+    runs = [make(shapes, seed=j, config=config) for j in range(P)]
+    grads = [grads_for(runs[j][0], 10 + j) for j in range(P)]
+    grads[1][7].view(-1)[0] = float("nan")
+    params = stacked([r[0] for r in runs])
+    state = type(runs[0][1])(*[stacked([r[1][f] for r in runs]) for f in range(5)])
+    hp = config.op_hyper(0.5)
+    mlp_update_particles_(
+        params, stacked(grads), state.mom, state.rms, state.fac_row, state.fac_col,
+        state.step, stacked([meta_weights(m, config) for m in metas]),
+        torch.stack([decays_tensor(config, m) for m in metas]), hp)
+    for j in range(P):
+        p1, s1 = clone(*runs[j])
+        before = p1[7].clone()
+        op_step(p1, grads[j], s1, metas[j], config, lr=0.5)
+        for i in range(len(shapes)):
+            assert torch.equal(params[i][j], p1[i]), (j, i)
+            for f in range(5):
+                assert torch.equal(state[f][i][j], s1[f][i]), (j, i, f)
+        assert torch.equal(p1[7], before) == (j == 1)  # the NaN skipped only its tensor
+
+
+def test_particles_reject_bad_layouts():
+    cfg = SMALL_CFG
+    params, state = make([(4, 3)], config=cfg)
+    meta = init_meta_params(cfg)
+    P = 2
+    rep = lambda xs: [x.unsqueeze(0).repeat((P,) + (1,) * x.dim()) for x in xs]  # noqa: E731
+    args = [rep(params), rep(grads_for(params, 0))] + [rep(f) for f in
+                                                       (state.mom, state.rms, state.fac_row,
+                                                        state.fac_col, state.step)]
+    w = rep(meta_weights(meta, cfg))
+    d = decays_tensor(cfg).expand(P, -1).contiguous()
+    hp = cfg.op_hyper()
+    with pytest.raises(TypeError, match="decays must be a \\[P, K\\+R\\+F\\] tensor"):
+        mlp_update_particles_(*args, w, d[0], hp)
+    with pytest.raises(ValueError, match="grads\\[0\\] must be a contiguous tensor with a "
+                                         "leading particle dimension 2"):
+        mlp_update_particles_(args[0], [args[1][0][:1]], *args[2:], w, d, hp)
+    with pytest.raises(ValueError, match="params\\[0\\] must be a contiguous"):
+        mlp_update_particles_([args[0][0].transpose(1, 2)], *args[1:], w, d, hp)
+    with pytest.raises(ValueError, match="mlp_update_particles_: moms"):  # particle 0's checks
+        mlp_update_particles_(args[0], args[1], [args[2][0][:, :1].contiguous()], *args[3:],
+                              w, d, hp)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -37,8 +37,8 @@ parameters):
 * The fused loop is 1.6–8× faster. The vmapped reference materializes every
   intermediate of the per-element MLP for all particles at once.
 * It gives the same estimate: bitwise on two tasks, within 4e-7 relative on the third.
-* Below ~500 elements per particle the loop's per-call cost dominates and ``vmap``
-  wins.
+* Below ~64 elements per particle (with many particles) the loop's per-call cost
+  dominates and ``vmap`` wins.
 * GPUs keep the vmapped reference by default (unmeasured there).
 
 The particles' parameters and states are stacked along a leading dimension. Randomness
@@ -55,10 +55,12 @@ from typing import List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from pyoptk.learned.mlp import MLPConfig, MLPState, check_meta_params, fused_unsupported, update
+from pyoptk.learned.mlp import (
+    MLPConfig, MLPState, check_meta_params, decays_tensor, fused_unsupported, meta_weights, update)
 from pyoptk.meta.estimator import (
     Estimate, GradientEstimator, MetaLoss, Unroll, check_estimator_args, finish_estimate)
 from pyoptk.meta.tbptt import fresh_unroll
+from pyoptk.ops.mlp_update import mlp_update_particles_
 from pyoptk.tasks.base import Task, derive_seed, generator
 
 __all__ = ["TruncatedES", "PersistentES", "PES_ACCUM", "FUSED_MIN_NUMEL"]
@@ -69,11 +71,17 @@ PES_ACCUM = "pes_accum."
 
 
 #: Elements per particle from which ``fused=None`` steps the particles one by one with
-#: the fused rule (CPU). Each call costs ~140 µs of Python (the op's validation and
-#: dispatch), the vmapped reference ~0.3–0.5 µs per particle-element: measured on CPU
-#: (1 thread, quadratics, 16 and 128 particles), the two break even at 300–1,000
-#: elements (loop/vmap time 1.34–1.47 at 300, 0.58–0.71 at 1,000).
-FUSED_MIN_NUMEL = 512
+#: the fused rule (CPU). Measured on CPU, 1 thread, quadratics, 16 and 128 particles,
+#: per particle-step, vmapped gradients included:
+#:
+#: * the loop costs ~35–80 µs up to 1,000 elements (checks once per step, then the
+#:   backend per particle: :func:`~pyoptk.ops.mlp_update.mlp_update_particles_`);
+#: * the vmapped reference costs ~0.3–0.5 µs per element, plus its per-op overhead
+#:   shared by the particles.
+#:
+#: The loop/vmap time is 2.05 at 30 elements and 0.75 at 100 with 128 particles, and
+#: 0.80 at 30 with 16. So the two break even between 30 and 100 elements.
+FUSED_MIN_NUMEL = 64
 
 
 def _stack(t: Tensor, n: int) -> Tensor:
@@ -246,8 +254,20 @@ class _AntitheticES(GradientEstimator):
     def _fused_step(self, params: List[Tensor], grads: List[Tensor], state: MLPState,
                     particle_meta: Mapping[str, Tensor]) -> Tuple[List[Tensor], MLPState]:
         """One inner step of every particle: the fused rule with particle ``j``'s
-        meta-parameters on its slices ``[j]`` of the stacked tensors, written into new
-        stacked tensors (the inputs stay intact, as the unroll may still hold them)."""
+        meta-parameters on its slices ``[j]`` of the stacked tensors, into new stacked
+        tensors (the inputs stay intact, as the unroll may still hold them). float32
+        state: copies stepped in place by :func:`mlp_update_particles_` (checked once,
+        no per-particle dispatch); float64: :func:`update` particle by particle."""
+        if state.step[0].dtype == torch.float32:
+            new_params = [t.clone() for t in params]
+            new_state = MLPState(*[[t.clone() for t in lst] for lst in state])
+            decays = decays_tensor(self.config, particle_meta, device=params[0].device)
+            P = params[0].shape[0]
+            mlp_update_particles_(
+                new_params, grads, new_state.mom, new_state.rms, new_state.fac_row,
+                new_state.fac_col, new_state.step, meta_weights(particle_meta, self.config),
+                decays.expand(P, decays.shape[-1]).contiguous(), self.config.op_hyper(self.lr))
+            return new_params, new_state
         new_params = [torch.empty_like(t) for t in params]
         new_state = MLPState(*[[torch.empty_like(t) for t in lst] for lst in state])
         for j in range(params[0].shape[0]):
