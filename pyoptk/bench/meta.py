@@ -11,7 +11,7 @@ data:
   (:func:`pyoptk.ops.mlp_update.mlp_update_one`), a Python loop over the tensors.
 * **pes** — :class:`~pyoptk.meta.PersistentES` (inner gradients of all particles by one
   ``torch.func.vmap``) with its two inner steps: ``fused steps`` (the fused rule called
-  particle by particle, ``fused=True``; the default on CPU from 512 elements per
+  particle by particle, ``fused=True``; the default on CPU from 64 elements per
   particle) and ``vmap`` (the reference under ``vmap``, ``fused=False``). Both run
   against :func:`plain_pes`: a Python loop over the particles, each taking its inner
   gradient by autograd and stepping with the reference per tensor.
