@@ -391,14 +391,16 @@ def count_fused_steps(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("cfg", [CFG, MLPConfig(learn_decays=True)],
+                         ids=["default", "learn_decays"])
 @pytest.mark.parametrize("cls", [TruncatedES, PersistentES], ids=["es", "pes"])
-def test_es_fused_particle_steps_match_the_vmapped_reference(cls, monkeypatch):
+def test_es_fused_particle_steps_match_the_vmapped_reference(cls, cfg, monkeypatch):
     calls = count_fused_steps(monkeypatch)
-    meta = init_meta_params(CFG, 0)
+    meta = init_meta_params(cfg, 0)  # learn_decays: each particle perturbs its decays
     task = QuadraticTask(0, dim=FUSED_MIN_NUMEL + 88, cond=10.0, noise=0.1)  # fp32
     out = {}
     for fused in (None, True, False):
-        est = cls(CFG, 3, 12, sigma=0.01, n_particles=3, lr=10.0, fused=fused)
+        est = cls(cfg, 3, 12, sigma=0.01, n_particles=3, lr=10.0, fused=fused)
         unrolls = [est.init_unroll(task, meta, seed=0)]
         before = len(calls)
         estimates = []
@@ -412,8 +414,10 @@ def test_es_fused_particle_steps_match_the_vmapped_reference(cls, monkeypatch):
         assert_same_estimate(a, b)  # the default took the fused loop here
     for (a, b) in zip(out[True][0], out[False][0]):
         assert a.meta_loss == pytest.approx(b.meta_loss, rel=1e-6)
-        for k in a.grads:  # an ES difference quotient amplifies fp32 rounding
-            torch.testing.assert_close(a.grads[k], b.grads[k], rtol=1e-4, atol=1e-6)
+        # The paths differ by float32 rounding (params within an ulp), which an ES
+        # difference quotient amplifies by ~1/σ: compared norm-wise (measured ≤ 2e-5).
+        diff = torch.cat([(a.grads[k] - b.grads[k]).flatten() for k in a.grads]).norm()
+        assert diff <= 1e-4 * torch.cat([g.flatten() for g in b.grads.values()]).norm()
     for x, y in zip(out[True][1].params.values(), out[False][1].params.values()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
