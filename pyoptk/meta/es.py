@@ -267,7 +267,7 @@ class _AntitheticES(GradientEstimator):
             decays = decays_tensor(self.config, particle_meta, device=params[0].device)
             P = params[0].shape[0]
             mlp_update_particles_(
-                new_params, grads, new_state.mom, new_state.rms, new_state.fac_row,
+                new_params, [g.contiguous() for g in grads], new_state.mom, new_state.rms, new_state.fac_row,
                 new_state.fac_col, new_state.step, meta_weights(particle_meta, self.config),
                 decays.expand(P, decays.shape[-1]).contiguous(), self.config.op_hyper(self.lr))
             return new_params, new_state
