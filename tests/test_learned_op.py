@@ -205,6 +205,30 @@ def test_particles_equal_one_op_call_per_particle(config):
         assert torch.equal(p1[7], before) == (j == 1)  # the NaN skipped only its tensor
 
 
+@pytest.mark.gpu
+def test_particles_on_cuda_equal_one_call_per_particle():
+    # The same on the GPU's backend (Triton): one mlp_update_ call per particle.
+    cfg, P, dev = MLPConfig(), 3, torch.device("cuda")
+    shapes = [(33, 65), (7,), ()]
+    metas = [{k: v.to(dev) for k, v in init_meta_params(cfg, seed=j).items()}
+             for j in range(P)]
+    runs = [make(shapes, seed=j, config=cfg) for j in range(P)]
+    runs = [([p.to(dev) for p in ps], type(st)(*[[t.to(dev) for t in f] for f in st]))
+            for ps, st in runs]
+    grads = [[g.to(dev) for g in grads_for(runs[j][0], 10 + j)] for j in range(P)]
+    params = stacked([r[0] for r in runs])
+    state = type(runs[0][1])(*[stacked([r[1][f] for r in runs]) for f in range(5)])
+    mlp_update_particles_(
+        params, stacked(grads), state.mom, state.rms, state.fac_row, state.fac_col,
+        state.step, stacked([meta_weights(m, cfg) for m in metas]),
+        torch.stack([decays_tensor(cfg, m, device=dev) for m in metas]), cfg.op_hyper(0.5))
+    for j in range(P):
+        p1, s1 = clone(*runs[j])
+        op_step(p1, grads[j], s1, metas[j], cfg, lr=0.5)
+        for i in range(len(shapes)):
+            assert torch.equal(params[i][j], p1[i]), (j, i)
+
+
 def test_particles_reject_bad_layouts():
     cfg = SMALL_CFG
     params, state = make([(4, 3)], config=cfg)
