@@ -123,6 +123,15 @@ _COUNTS = ["nt", "n_tiles", "n_slots", "n_rows", "n_cols"]
 
 
 @triton.jit
+def _cotangent_out_ptrs(dp_base, dg_base, dm_base, dv_base, dfr_base, info, nt, t):
+    """Tensor ``t``'s output pointers for the cotangents of its param, grad, moments and
+    row factors (the two per-tile kernels write them)."""
+    return (dp_base + tl.load(info + I_ODP * nt + t), dg_base + tl.load(info + I_ODG * nt + t),
+            dm_base + tl.load(info + I_ODM * nt + t), dv_base + tl.load(info + I_ODV * nt + t),
+            dfr_base + tl.load(info + I_ODFR * nt + t))
+
+
+@triton.jit
 def _col(X, j: tl.constexpr, DP: tl.constexpr):
     """Column j of a [BLOCK, DP] tile (the inverse of the forward's ``_put``)."""
     return tl.sum(tl.where(tl.arange(0, DP)[None, :] == j, X, 0.0), axis=1)
@@ -233,11 +242,8 @@ def _bwd_tiles_kernel(p_base, g_base, m_base, v_base, fr_base, step_base, gp_bas
         gfr_ptr = gfr_base + tl.load(info + I_GFR * nt + t)
         frc_ptr = cp + tl.load(info + I_FRC * nt + t)
         fcc_ptr = cp + tl.load(info + I_FCC * nt + t)
-        dp_ptr = dp_base + tl.load(info + I_ODP * nt + t)
-        dg_ptr = dg_base + tl.load(info + I_ODG * nt + t)
-        dm_ptr = dm_base + tl.load(info + I_ODM * nt + t)
-        dv_ptr = dv_base + tl.load(info + I_ODV * nt + t)
-        dfr_ptr = dfr_base + tl.load(info + I_ODFR * nt + t)
+        dp_ptr, dg_ptr, dm_ptr, dv_ptr, dfr_ptr = _cotangent_out_ptrs(
+            dp_base, dg_base, dm_base, dv_base, dfr_base, info, nt, t)
         rowq = ws + tl.load(info + I_ROWQ * nt + t)
         colq = ws + tl.load(info + I_COLQ * nt + t)
         q1 = ws + q1_off + pid
@@ -612,11 +618,8 @@ def _bwd_reduced_kernel(p_base, g_base, m_base, v_base, fr_base, dp_base, dg_bas
     kap = ws + fin2_off + t * NQ1  # κ_i (N), then the 0/1-dim vbar terms (F)
     p_ptr, g_ptr, m_ptr, v_ptr, fr_ptr = _state_ptrs(
         p_base, g_base, m_base, v_base, fr_base, info, nt, t)
-    dp_ptr = dp_base + tl.load(info + I_ODP * nt + t)
-    dg_ptr = dg_base + tl.load(info + I_ODG * nt + t)
-    dm_ptr = dm_base + tl.load(info + I_ODM * nt + t)
-    dv_ptr = dv_base + tl.load(info + I_ODV * nt + t)
-    dfr_ptr = dfr_base + tl.load(info + I_ODFR * nt + t)
+    dp_ptr, dg_ptr, dm_ptr, dv_ptr, dfr_ptr = _cotangent_out_ptrs(
+        dp_base, dg_base, dm_base, dv_base, dfr_base, info, nt, t)
     decr = ws + dec_off + (nti + nt + pid) * (KRF + 1)
     eps = tl.cast(eps, tl.float32)
     fac_eps = tl.cast(fac_eps, tl.float32)
