@@ -246,6 +246,8 @@ def test_particles_reject_bad_layouts():
     with pytest.raises(ValueError, match="grads\\[0\\] must be a contiguous tensor with a "
                                          "leading particle dimension 2"):
         mlp_update_particles_(args[0], [args[1][0][:1]], *args[2:], w, d, hp)
+    with pytest.raises(TypeError, match="steps\\[0\\] must be a torch.Tensor"):
+        mlp_update_particles_(*args[:6], [0.0], w, d, hp)
     with pytest.raises(ValueError, match="params\\[0\\] must be a contiguous"):
         mlp_update_particles_([args[0][0].transpose(1, 2)], *args[1:], w, d, hp)
     with pytest.raises(ValueError, match="mlp_update_particles_: moms"):  # particle 0's checks

@@ -55,8 +55,9 @@ from pyoptk._backend import (implementation_for, register_backend, resolve_backe
 from pyoptk._native import native
 from pyoptk._nvtx import annotate
 from pyoptk.ops import _native_call as nc
-from pyoptk.ops._validation import (PARAM_DTYPES, STATE_DTYPE, check_lr, check_steps,
-                                    check_tensor, check_tensor_lists, dtype_name)
+from pyoptk.ops._validation import (PARAM_DTYPES, STATE_DTYPE, check_list, check_lr,
+                                    check_steps, check_tensor, check_tensor_lists,
+                                    dtype_name)
 
 OP = "mlp_update_"
 #: Added to ``r/vbar`` under the rsqrt of the row/column factor features (2^-7: exact in
@@ -690,18 +691,16 @@ def mlp_update_particles_(params: Sequence[Tensor], grads: Sequence[Tensor],
     elements (~116 µs at 2,114). ``hp.lr_t`` is shared by the particles.
     """
     op = "mlp_update_particles_"
-    lists = {"params": params, "grads": grads, "moms": moms, "rmss": rmss,
-             "fac_rows": fac_rows, "fac_cols": fac_cols, "steps": steps, "weights": weights}
-    for name, xs in lists.items():
-        if not isinstance(xs, (list, tuple)):
-            raise TypeError(f"{op}: {name} must be a list of tensors, got {type(xs).__name__}")
+    lists = {name: check_list(op, name, xs) for name, xs in (
+        ("params", params), ("grads", grads), ("moms", moms), ("rmss", rmss),
+        ("fac_rows", fac_rows), ("fac_cols", fac_cols), ("steps", steps),
+        ("weights", weights))}
     if not isinstance(decays, Tensor) or decays.dim() != 2:
         raise TypeError(f"{op}: decays must be a [P, K+R+F] tensor")
     P = int(decays.shape[0])
     for name, xs in lists.items():
         for i, t in enumerate(xs):
-            if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[0] != P \
-                    or not t.is_contiguous():
+            if t.dim() < 1 or t.shape[0] != P or not t.is_contiguous():
                 raise ValueError(f"{op}: {name}[{i}] must be a contiguous tensor with a "
                                  f"leading particle dimension {P} (that of decays)")
     if not decays.is_contiguous():
